@@ -1,0 +1,180 @@
+"""One typed config tree, built from a YAML recipe plus ``key=value`` overrides.
+
+Every value is validated where the config is built (ranges, enums, cross-field rules) and a bad one
+raises :class:`~omniopd.errors.ConfigError` with one line naming the field, the allowed range and
+the value given. Configs are frozen: nothing mutates them at run time. The resolved config is written
+to ``OUTPUT_DIR/config.yaml``. The paper's letters are kept in the field descriptions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omniopd.errors import ConfigError
+
+DEFAULT_STUDENT = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = DEFAULT_STUDENT  # HF id, local directory, .gguf file, or a named packaged model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TeacherConfig(_Section):
+    """A text-continuation oracle: "continue this prefix, n samples, about this many tokens"."""
+
+    type: Literal["local", "privileged"] = "privileged"
+    model: str | None = None  # None: the student's own base model
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
+    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call (local backends)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class AuditConfig(_Section):
+    chunk_tokens: int = Field(50, gt=0)  # C
+    num_chunks: int = Field(10, ge=0)  # M
+    teacher_samples: int = Field(10, ge=1)  # N
+    phi: Literal["ned", "rouge1"] = "ned"
+    prior_strength: float = Field(1.0, ge=0.0)  # alpha
+    anchors: Literal["peak_entropy", "random", "uniform"] = "peak_entropy"
+    max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0)  # stop if a step loses more chunks
+
+
+class RolloutConfig(_Section):
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)  # sequences per generate call
+
+
+class LossConfig(_Section):
+    kl_anchor_coef: float = Field(0.1, ge=0.0)  # beta
+    slice_size: int = Field(128, gt=0)  # positions per logits slice (memory, not math)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    prompts_per_step: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # trajectories per forward/backward
+
+
+class DataConfig(_Section):
+    train: str = "gsm8k-train"
+    shuffle: bool = True
+
+
+class EvalConfig(_Section):
+    data: str = "gsm8k-dev"
+    limit: int | None = Field(100, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)
+    before: bool = True
+    after: bool = True
+
+
+class RunConfig(_Section):
+    method: Literal["omniopd"] = "omniopd"
+    output_dir: str = "runs/omniopd"
+    seed: int = 0
+    max_steps: int = Field(10, ge=0)
+    log_every: int = Field(1, ge=1)
+    student: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    audit: AuditConfig = AuditConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.teacher.temperature == 0 and self.audit.teacher_samples > 1:
+            raise ValueError(
+                "teacher.temperature: 0 (greedy) with audit.teacher_samples > 1 makes all N continuations "
+                "identical and collapses k_sem to 0 or N; use a temperature > 0 (1.0 in the paper) or teacher_samples=1"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    if e["type"] in ("value_error", "assertion_error"):
+        return msg
+    return f"{loc}: {msg} (got {e.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    merged = apply_overrides(data or {}, overrides or [])
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,93 @@
+"""In-process Hugging Face teachers: ``local`` and ``privileged``.
+
+``local``: any causal LM (any tokenizer) continues ``chat_template(question) + student_prefix``.
+``privileged``: the same, but the question carries the dataset's reference solution (self-distillation
+with privileged information). With SmolLM2-135M-Instruct this is a real, strong teacher: greedy on 24
+GSM8K dev problems the model alone solved 0 and the same model with the reference solved 20.
+
+The N continuations of a request come from one ``generate`` call with ``num_return_sequences=N``,
+sampled with top_k disabled (top_k=0) so temperature and top_p are the only shaping, as configured.
+Each call runs under a forked RNG seeded from the spec, so teacher draws do not perturb the student's
+sampling stream and a rerun with the same seed reproduces them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from omniopd.models import eos_token_ids, load_model
+from omniopd.prompts import privileged_messages, student_messages
+from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
+
+
+class LocalTeacher(Teacher):
+    def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.privileged = privileged
+        self.batch_size = batch_size
+        self.name = f"{'privileged' if privileged else 'local'}:{name}"
+        self._eos = eos_token_ids(model, tokenizer)
+
+    @classmethod
+    def from_name(cls, name: str, privileged: bool, batch_size: int = 32, dtype: str = "float32", model=None, tokenizer=None):
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(name, dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model, tokenizer, name, privileged, batch_size)
+
+    def prompt_text(self, req: ContinuationRequest) -> str:
+        """Exactly what the teacher model reads: its chat template, then the student's prefix verbatim."""
+        msgs = privileged_messages(req.question, req.reference) if self.privileged else student_messages(req.question)
+        head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return head + req.prefix
+
+    @torch.no_grad()
+    def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
+        if spec.temperature == 0 and spec.n > 1:
+            raise ValueError("a greedy teacher (temperature 0) with n > 1 returns n identical continuations")
+        results: list[ContinuationResult] = []
+        per_call = max(1, self.batch_size // spec.n)
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        gen = GenerationConfig(
+            do_sample=spec.temperature > 0,
+            temperature=spec.temperature if spec.temperature > 0 else None,
+            top_p=spec.top_p,
+            top_k=0 if spec.temperature > 0 else None,
+            max_new_tokens=spec.max_new_tokens,
+            num_return_sequences=spec.n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=self._eos,
+        )
+        device = next(self.model.parameters()).device
+        for i in range(0, len(requests), per_call):
+            batch = requests[i : i + per_call]
+            texts = [self.prompt_text(r) for r in batch]
+            # the chat template already holds the special tokens: do not add a second BOS
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed * 1_000_003 + i)
+                out = self.model.generate(**enc, generation_config=gen)
+            new = out[:, enc["input_ids"].shape[1] :]  # (len(batch) * n, <= max_new_tokens)
+            for j, req in enumerate(batch):
+                rows = new[j * spec.n : (j + 1) * spec.n]
+                conts, n_out = [], 0
+                for row in rows.tolist():
+                    cut = len(row)
+                    for k, t in enumerate(row):
+                        if t in self._eos:
+                            cut = k
+                            break
+                    n_out += cut
+                    conts.append(tok.decode(row[:cut], skip_special_tokens=True))
+                results.append(
+                    ContinuationResult(
+                        texts=conts,
+                        prompt_tokens=int(enc["attention_mask"][j].sum()),
+                        completion_tokens=n_out,
+                    )
+                )
+        return results
