@@ -37,6 +37,7 @@ class TeacherConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
     batch_size: int = Field(32, gt=0)  # sequences per teacher generate call (local backends)
+    reuse_prefix: bool = True  # local backends: one prefill shared by the N samples of a chunk
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

@@ -75,6 +75,7 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
             privileged=t.type == "privileged",
             batch_size=t.batch_size,
             dtype=t.dtype,
+            reuse_prefix=t.reuse_prefix,
             model=student if t.model in (None, cfg.student.name) else None,
             tokenizer=student_tokenizer if t.model in (None, cfg.student.name) else None,
         )

@@ -1,0 +1,197 @@
+"""The audit: entropy -> anchors -> teacher continuations -> phi -> targets (ALGORITHM.md steps 2-6).
+
+Input: a batch of student rollouts. Output: for every trajectory, the start of each audited chunk and
+its target pi_hat, plus metrics and human-readable audit records (``audits.jsonl``).
+
+Fidelity notes, in the order the code enforces them:
+- entropy and log-probs come from a fresh no-grad forward of the current student over the finished
+  sequences, exact over the full vocabulary, fp32, in position slices;
+- the teacher prefix is y_<t: it stops right before the audited chunk;
+- a chunk is scored only with exactly N continuations; a short or failed result is dropped and
+  counted (``teacher/failed_chunks``), and a step that loses more than ``max_failed_chunk_frac`` of its
+  chunks stops the run rather than train on what is left;
+- teacher text is cut to C student tokens before phi (like with like across tokenizers);
+- every record names the selector, phi and teacher that produced it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text, response_hidden
+from omniopd.config import AuditConfig, TeacherConfig
+from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem, token_stats
+from omniopd.data import Example
+from omniopd.errors import TeacherError
+from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
+
+
+@dataclass
+class AuditResult:
+    starts_B: list[list[int]]  # kept chunk starts per trajectory (ascending)
+    targets_B: list[list[float]]  # pi_hat per kept chunk
+    metrics: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # one per trajectory, for audits.jsonl
+
+
+@torch.no_grad()
+def student_token_stats(model, batch: SequenceBatch, micro_batch_size: int, slice_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy H_t and log p(y_t) for every response token: (B, T) each, fp32, no grad."""
+    B, T = batch.response_ids.shape
+    ent = torch.zeros(B, T)
+    logp = torch.zeros(B, T)
+    for i in range(0, B, micro_batch_size):
+        idx = list(range(i, min(B, i + micro_batch_size)))
+        sub = batch.select(idx)
+        hidden, head = response_hidden(model, sub)
+        stats = token_stats(hidden, head, sub.response_ids, want_entropy=True, slice_size=slice_size)
+        t = sub.response_ids.shape[1]
+        ent[i : i + len(idx), :t] = stats.entropy.float().cpu()
+        logp[i : i + len(idx), :t] = stats.logprobs.float().cpu()
+    mask = batch.response_mask
+    return ent * mask, logp * mask
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(torch.tensor(values).quantile(q)) if values else 0.0
+
+
+def run_audit(
+    *,
+    step: int,
+    model,
+    tokenizer,
+    batch: SequenceBatch,
+    lengths: list[int],
+    examples: list[Example],  # one per trajectory
+    teacher: Teacher,
+    audit_cfg: AuditConfig,
+    teacher_cfg: TeacherConfig,
+    seed: int,
+    micro_batch_size: int,
+    slice_size: int,
+    record_trajectories: int = 2,
+) -> AuditResult:
+    C, M, N = audit_cfg.chunk_tokens, audit_cfg.num_chunks, audit_cfg.teacher_samples
+    B = len(lengths)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    entropy, logprobs = student_token_stats(model, batch, micro_batch_size, slice_size)
+    timings["time/entropy_s"] = time.perf_counter() - t0
+
+    select = ANCHOR_SELECTORS[audit_cfg.anchors]
+    rng = random.Random(seed * 1_000_003 + step)
+    planned: list[tuple[int, int]] = []  # (trajectory, start)
+    for b in range(B):
+        for s in select(entropy[b].tolist(), lengths[b], C, M, rng):
+            planned.append((b, s))
+
+    requests, chunk_texts, char_starts = [], [], []
+    for b, s in planned:
+        ids = batch.response_ids[b, : lengths[b]].tolist()
+        prefix, chunk = prefix_and_chunk_text(tokenizer, ids, s, C)
+        ex = examples[b]
+        requests.append(ContinuationRequest(question=ex.question, prefix=prefix, reference=ex.reference, trajectory=b))
+        chunk_texts.append(chunk)
+        char_starts.append(len(prefix))
+
+    spec = SamplingSpec(
+        n=N,
+        max_new_tokens=teacher_cfg.max_new_tokens or C,
+        temperature=teacher_cfg.temperature,
+        top_p=teacher_cfg.top_p,
+        seed=seed * 1_000_003 + step,
+    )
+    t0 = time.perf_counter()
+    results = teacher.continue_prefixes(requests, spec) if requests else []
+    timings["time/teacher_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    phi = PHI_FUNCTIONS[audit_cfg.phi]
+    starts_B: list[list[int]] = [[] for _ in range(B)]
+    ksem_B: list[list[float]] = [[] for _ in range(B)]
+    prior_B: list[list[float]] = [[] for _ in range(B)]
+    chunk_records: list[list[dict]] = [[] for _ in range(B)]
+    failed = 0
+    tokens_in = tokens_out = 0
+    for (b, s), chunk, c0, res in zip(planned, chunk_texts, char_starts, results, strict=True):
+        tokens_in += res.prompt_tokens
+        tokens_out += res.completion_tokens
+        if not res.ok or len(res.texts) != N:
+            failed += 1  # never score a chunk on fewer than N samples
+            continue
+        cut = [cut_to_tokens(tokenizer, t, C)[0] for t in res.texts]
+        k, scores = k_sem(chunk, cut, phi)
+        p_bar = float(chunk_prior_mean(logprobs[b, s : s + C]))
+        starts_B[b].append(s)
+        ksem_B[b].append(k)
+        prior_B[b].append(p_bar)
+        if b < record_trajectories:
+            chunk_records[b].append(
+                {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
+                 "continuations": cut, "phi_scores": scores, "k_sem": k, "prior_mean": p_bar}
+            )
+    timings["time/phi_s"] = time.perf_counter() - t0
+
+    if planned and failed / len(planned) > audit_cfg.max_failed_chunk_frac:
+        raise TeacherError(
+            f"step {step}: the teacher failed on {failed} of {len(planned)} chunks "
+            f"(more than audit.max_failed_chunk_frac={audit_cfg.max_failed_chunk_frac}); stopping instead of training on too few audits"
+        )
+
+    flat_k = [k for ks in ksem_B for k in ks]
+    flat_p = [p for ps in prior_B for p in ps]
+    targets = dm_target(torch.tensor(flat_k), torch.tensor(flat_p), N, audit_cfg.prior_strength).tolist() if flat_k else []
+    targets_B: list[list[float]] = []
+    pos = 0
+    for b in range(B):
+        n = len(ksem_B[b])
+        targets_B.append(targets[pos : pos + n])
+        for rec, tgt in zip(chunk_records[b], targets[pos : pos + n]):
+            rec["target"] = tgt
+        pos += n
+
+    anchor_mask = torch.zeros_like(batch.response_mask)
+    for b, starts in enumerate(starts_B):
+        for s in starts:
+            anchor_mask[b, s] = True
+    other = batch.response_mask & ~anchor_mask
+    metrics = {
+        "audit/chunks": float(len(flat_k)),
+        "audit/chunks_per_traj": len(flat_k) / max(B, 1),
+        "audit/skipped_short": float(sum(1 for L in lengths if L < C)),
+        "audit/k_sem_mean": sum(flat_k) / len(flat_k) if flat_k else 0.0,
+        "audit/k_sem_p10": _quantile(flat_k, 0.1),
+        "audit/k_sem_p50": _quantile(flat_k, 0.5),
+        "audit/k_sem_p90": _quantile(flat_k, 0.9),
+        "audit/k_sem_interior_frac": sum(0.05 * N < k < 0.95 * N for k in flat_k) / len(flat_k) if flat_k else 0.0,
+        "audit/k_sem_zero_frac": sum(k == 0 for k in flat_k) / len(flat_k) if flat_k else 0.0,
+        "audit/target_mean": sum(targets) / len(targets) if targets else 0.0,
+        "audit/target_min": min(targets) if targets else 0.0,
+        "audit/target_max": max(targets) if targets else 0.0,
+        "audit/prior_mean": sum(flat_p) / len(flat_p) if flat_p else 0.0,
+        "audit/entropy_anchor_mean": float(entropy[anchor_mask].mean()) if anchor_mask.any() else 0.0,
+        "audit/entropy_other_mean": float(entropy[other].mean()) if other.any() else 0.0,
+        "teacher/requests": float(len(requests)),
+        "teacher/failed_chunks": float(failed),
+        "teacher/tokens_in": float(tokens_in),
+        "teacher/tokens_out": float(tokens_out),
+        "teacher/tokens": float(tokens_in + tokens_out),
+        **timings,
+    }
+
+    records = []
+    for b in range(min(B, record_trajectories)):
+        ids = batch.response_ids[b, : lengths[b]].tolist()
+        records.append({
+            "step": step, "trajectory": b, "example_id": examples[b].id, "prompt": examples[b].question,
+            "response": tokenizer.decode(ids, skip_special_tokens=True), "response_tokens": lengths[b],
+            "selector": audit_cfg.anchors, "phi": audit_cfg.phi, "teacher": teacher.name,
+            "chunks": chunk_records[b],
+        })
+    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records)

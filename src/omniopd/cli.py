@@ -1,0 +1,102 @@
+"""``omniopd`` command line: parse arguments, then call library functions.
+
+Heavy imports (torch, transformers) happen after parsing, so ``--help`` is instant. Any
+:class:`~omniopd.errors.OmniOPDError` becomes one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omniopd", description="Logit-free on-policy distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student from a YAML recipe")
+    t.add_argument("recipe", help="path to a recipe YAML")
+    t.add_argument("overrides", nargs="*", help="key=value overrides with dotted paths, e.g. audit.chunk_tokens=24")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a model on a math benchmark")
+    e.add_argument("--model", required=True, help="HF id, local directory, .gguf file, or packaged name")
+    e.add_argument("--data", default="gsm8k-dev", help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, or a .jsonl path")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    e.add_argument("--output", required=True, help="summary JSON path (predictions go next to it)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--question-field", default=None)
+    e.add_argument("--answer-field", default=None)
+    e.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from omniopd.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from omniopd.trainer import format_summary, train
+
+    summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from omniopd.errors import ConfigError
+
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be > 0 (got {v})")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0 (got {args.temperature})")
+    from omniopd.data import load_examples
+
+    examples = load_examples(args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field)
+    from omniopd.evaluation.runner import evaluate_math
+    from omniopd.models import load_model
+
+    model, tok = load_model(args.model)
+    out = Path(args.output)
+    summary = evaluate_math(
+        model, tok, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        temperature=args.temperature, records_path=out.with_name(out.stem + "_predictions.jsonl"),
+        show_progress=not args.no_progress,
+    )
+    summary.update({"model": args.model, "data": args.data})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    lo, hi = summary["ci95"]
+    print(f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}) -> {out}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("OMNIOPD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never stall on an unreachable hub
+    from omniopd.errors import OmniOPDError
+
+    try:
+        return COMMANDS[args.command](args)
+    except OmniOPDError as err:
+        print(f"omniopd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omniopd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

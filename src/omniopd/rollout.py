@@ -1,0 +1,105 @@
+"""Student rollouts with Hugging Face ``generate`` (ALGORITHM.md step 1).
+
+Sampling is from the distribution the loss assumes: a fresh ``GenerationConfig`` with top_k=0 and the
+configured temperature/top_p, so the checkpoint's generation defaults (top_k=50 in transformers, or a
+temperature shipped with the model) never apply silently. Prompts are left-padded; responses are
+right-padded, kept as token ids with a mask that covers the tokens up to and including the first EOS.
+A response that hits ``max_new_tokens`` without EOS is counted as truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from omniopd.alignment import SequenceBatch
+from omniopd.models import eos_token_ids
+
+
+@dataclass
+class Rollouts:
+    batch: SequenceBatch
+    example_index: list[int]  # which prompt each trajectory answers (B,)
+    lengths: list[int]  # real response length in tokens, EOS included (B,)
+    finished: list[bool]  # ended with EOS (B,)
+
+    @property
+    def truncated_frac(self) -> float:
+        return 1.0 - sum(self.finished) / max(len(self.finished), 1)
+
+
+def generation_config(tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float, n: int = 1):
+    greedy = temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None if greedy else 0,  # 0 disables top-k: sample from the full distribution
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=n,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+    )
+
+
+def chat_prompts(tokenizer, messages_list: list[list[dict[str, str]]]) -> list[str]:
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
+
+
+@torch.no_grad()
+def generate_texts(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+    n: int = 1, batch_size: int = 16, progress=None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Sample ``n`` responses per prompt. Returns response token ids (EOS kept, padding removed) and EOS flags,
+    ordered prompt-major (all samples of prompt 0, then prompt 1, ...)."""
+    eos = eos_token_ids(model, tokenizer)
+    gen = generation_config(tokenizer, eos, max_new_tokens, temperature, top_p, n)
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    per_call = max(1, batch_size // n)
+    responses: list[list[int]] = []
+    finished: list[bool] = []
+    for i in range(0, len(prompts), per_call):
+        enc = tokenizer(prompts[i : i + per_call], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, generation_config=gen)
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            cut = next((k for k, t in enumerate(row) if t in eos), None)
+            responses.append(row if cut is None else row[: cut + 1])
+            finished.append(cut is not None)
+        if progress is not None:
+            progress.update(len(prompts[i : i + per_call]))
+    return responses, finished
+
+
+def pack(tokenizer, prompts: list[str], responses: list[list[int]], pad_id: int) -> SequenceBatch:
+    """[left-padded prompt | right-padded response] tensors for a training/scoring forward."""
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in responses))
+    B = len(responses)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    att = torch.zeros(B, P + T, dtype=torch.long)
+    rmask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_ids, responses, strict=True)):
+        ids[b, P - len(p) : P] = torch.tensor(p)
+        att[b, P - len(p) : P] = 1
+        if r:
+            ids[b, P : P + len(r)] = torch.tensor(r)
+            att[b, P : P + len(r)] = 1
+            rmask[b, : len(r)] = True
+    return SequenceBatch(input_ids=ids, attention_mask=att, prompt_len=P, response_ids=ids[:, P:], response_mask=rmask)
+
+
+def sample_rollouts(model, tokenizer, prompts: list[str], *, samples_per_prompt: int, max_new_tokens: int,
+                    temperature: float, top_p: float, batch_size: int) -> Rollouts:
+    responses, finished = generate_texts(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        n=samples_per_prompt, batch_size=batch_size,
+    )
+    example_index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+    expanded = [prompts[i] for i in example_index]
+    batch = pack(tokenizer, expanded, responses, tokenizer.pad_token_id)
+    return Rollouts(batch=batch, example_index=example_index, lengths=[len(r) for r in responses], finished=finished)

@@ -1,0 +1,745 @@
+"""What every API teacher shares: concurrency, ordering, retries, the response cache and the budget ledger.
+
+Not in the paper, which reports teacher effort but not how it was spent. Departures and choices:
+
+* **Bounded concurrency.** One asyncio event loop per teacher, in a background thread, so the
+  synchronous ``Teacher.continue_prefixes`` can be called from the trainer (or from inside another
+  event loop). A semaphore bounds the HTTP requests in flight across all trajectories
+  (``max_concurrency``).
+* **Prefix order.** The chunks of one trajectory have nested prefixes. They are dispatched in ascending
+  prefix length, and by default (``dispatch="warm_first"``) the shortest one is sent alone first, so a
+  server with prefix caching (vLLM, SGLang) computes the shared prompt once and every later request of
+  that trajectory reuses it. ``"sequential"`` sends a trajectory's requests one after another (the most
+  reuse, the least parallelism); ``"parallel"`` sends all at once (ascending, interleaved across
+  trajectories). Within one chunk, when N samples need several requests, the first goes alone too.
+* **Retries.** The SDKs' own retries are switched off (``max_retries=0``) so every retry is counted
+  here. 408/409/425/429/5xx/529, timeouts and connection errors are retried with exponential backoff and
+  jitter, honouring ``Retry-After``/``retry-after-ms`` (capped at ``max_retry_after_s``) and Gemini's
+  ``retryDelay``. 401/403/404 raise :class:`~omniopd.errors.TeacherError` at once (a wrong key, model or
+  URL fails every request alike). Any other 4xx, or a retryable error after the last retry, ends that
+  request with ``error`` set: the caller drops the chunk and counts ``teacher/failed_chunks``.
+* **Never score fewer than N.** A server that returns fewer choices than ``n`` asked (``transformers
+  serve`` always returns one) is topped up with further requests, one sample each, each with its own
+  sample index and seed; counted as ``teacher/topup_requests``. Still short after
+  ``max_topup_rounds`` rounds, the result carries ``error``. A chunk whose N samples are all identical
+  (a server that is not really sampling) is counted (``teacher/identical_chunks``) and warned about once.
+* **Budget.** A ledger counts requests, retries, failures, tokens, latency and estimated cost (from a
+  price table in USD per million input/output tokens, both options). ``max_cost_usd`` and
+  ``max_total_tokens`` are checked before every new request and raise ``TeacherError`` once reached;
+  requests already in flight still complete, so the overshoot is at most ``max_concurrency`` requests.
+* **Cache.** With ``cache_path`` every successful response is stored (see ``teachers.cache``); a hit
+  sends nothing, costs nothing and is counted as ``teacher/cache_hits``.
+* **Credentials** are read from an environment variable whose *name* is an option; the key itself is
+  never an option, so it cannot end up in a config, the cache or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from abc import abstractmethod
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlparse
+
+from omniopd.errors import ConfigError, TeacherError
+from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
+from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+FATAL_STATUS = frozenset({401, 403, 404})
+LOCAL_DUMMY_KEY = "sk-no-key-required"
+Dispatch = Literal["warm_first", "sequential", "parallel"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RuntimeOptions:
+    """Options shared by every API backend (pass them as keyword arguments to any backend).
+
+    max_concurrency      HTTP requests in flight at once, across all trajectories [16]
+    timeout_s            per-request timeout in seconds; a timeout is retried [120]
+    max_retries          retries after the first attempt; then the request fails with ``error`` [5]
+    backoff_base_s       first backoff; doubles each retry, jittered to [d/2, d] [1.0]
+    backoff_max_s        backoff ceiling [60]
+    max_retry_after_s    ceiling on a server's Retry-After [300]
+    max_topup_rounds     rounds of single-sample top-ups when a server returns fewer than n [2]
+    dispatch             "warm_first" | "sequential" | "parallel": order of a trajectory's requests
+    price_input_per_mtok / price_output_per_mtok   USD per million tokens, for the cost estimate [0, 0]
+    max_cost_usd         stop (TeacherError) once the estimated cost reaches this [None: no cap]
+    max_total_tokens     stop (TeacherError) once input+output tokens reach this [None: no cap]
+    cache_path           SQLite response cache file; None disables the cache [None]
+    """
+
+    max_concurrency: int = 16
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_retry_after_s: float = 300.0
+    max_topup_rounds: int = 2
+    dispatch: Dispatch = "warm_first"
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+    max_cost_usd: float | None = None
+    max_total_tokens: int | None = None
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError(f"teacher max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"teacher timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_retries < 0 or self.max_topup_rounds < 0:
+            raise ConfigError("teacher max_retries and max_topup_rounds must be >= 0")
+        if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.max_retry_after_s < 0:
+            raise ConfigError("teacher backoff and retry-after limits must be >= 0")
+        if self.dispatch not in ("warm_first", "sequential", "parallel"):
+            raise ConfigError(f"teacher dispatch must be warm_first, sequential or parallel, got {self.dispatch!r}")
+        if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
+            raise ConfigError("teacher prices must be >= 0")
+        if self.max_cost_usd is not None and self.max_cost_usd <= 0:
+            raise ConfigError(f"teacher max_cost_usd must be > 0, got {self.max_cost_usd}")
+        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
+            raise ConfigError(f"teacher max_total_tokens must be > 0, got {self.max_total_tokens}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Budget ledger
+# --------------------------------------------------------------------------------------------------
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class BudgetLedger:
+    """Counts what the teacher spent; raises :class:`TeacherError` when a cap is reached.
+
+    Latency percentiles are over the last ``latency_window`` successful requests. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        price_input_per_mtok: float = 0.0,
+        price_output_per_mtok: float = 0.0,
+        max_cost_usd: float | None = None,
+        max_total_tokens: int | None = None,
+        latency_window: int = 10_000,
+    ) -> None:
+        self.price_input_per_mtok = price_input_per_mtok
+        self.price_output_per_mtok = price_output_per_mtok
+        self.max_cost_usd = max_cost_usd
+        self.max_total_tokens = max_total_tokens
+        self.requests = 0
+        self.retries = 0
+        self.failed_requests = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.cache_hits = 0
+        self.topup_requests = 0
+        self.identical_chunks = 0
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._lock = threading.Lock()
+
+    @property
+    def cost_usd(self) -> float:
+        return (self.tokens_in * self.price_input_per_mtok + self.tokens_out * self.price_output_per_mtok) / 1e6
+
+    def check(self) -> None:
+        """Called before each new request."""
+        with self._lock:
+            cost, total = self.cost_usd, self.tokens_in + self.tokens_out
+        if self.max_cost_usd is not None and cost >= self.max_cost_usd:
+            raise TeacherError(
+                f"teacher budget reached: estimated cost ${cost:.4f} >= max_cost_usd ${self.max_cost_usd:.4f} "
+                f"after {self.requests} requests ({self.tokens_in} tokens in, {self.tokens_out} out); "
+                "raise the cap or resume with the response cache"
+            )
+        if self.max_total_tokens is not None and total >= self.max_total_tokens:
+            raise TeacherError(
+                f"teacher budget reached: {total} tokens >= max_total_tokens {self.max_total_tokens} "
+                f"after {self.requests} requests; raise the cap or resume with the response cache"
+            )
+
+    def record_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def record_success(self, tokens_in: int, tokens_out: int, latency_s: float) -> None:
+        with self._lock:
+            self.tokens_in += tokens_in
+            self.tokens_out += tokens_out
+            self._latencies.append(latency_s)
+
+    def record_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self.failed_requests += 1
+
+    def record_cache_hit(self) -> None:
+        with self._lock:
+            self.cache_hits += 1
+
+    def record_topup(self, count: int = 1) -> None:
+        with self._lock:
+            self.topup_requests += count
+
+    def record_identical(self) -> None:
+        with self._lock:
+            self.identical_chunks += 1
+
+    def snapshot(self) -> dict[str, float]:
+        """Cumulative metrics, namespaced for the run log."""
+        with self._lock:
+            lat = sorted(self._latencies)
+            return {
+                "teacher/requests": float(self.requests),
+                "teacher/retries": float(self.retries),
+                "teacher/failed_requests": float(self.failed_requests),
+                "teacher/tokens_in": float(self.tokens_in),
+                "teacher/tokens_out": float(self.tokens_out),
+                "teacher/latency_p50_s": _percentile(lat, 0.50),
+                "teacher/latency_p95_s": _percentile(lat, 0.95),
+                "teacher/cost_usd": self.cost_usd,
+                "teacher/cache_hits": float(self.cache_hits),
+                "teacher/topup_requests": float(self.topup_requests),
+                "teacher/identical_chunks": float(self.identical_chunks),
+            }
+
+
+# --------------------------------------------------------------------------------------------------
+# Error classification
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Failure:
+    retryable: bool
+    fatal: bool
+    message: str
+    retry_after_s: float | None = None
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (delta-seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        value = headers.get("retry-after")
+    except (AttributeError, ValueError):
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+_DURATION = re.compile(r"^\s*([0-9.]+)s\s*$")
+
+
+def _retry_delay_from_body(details: Any) -> float | None:
+    """Gemini puts ``{"@type": ".../RetryInfo", "retryDelay": "12s"}`` in ``error.details``."""
+    if not isinstance(details, dict):
+        return None
+    err = details.get("error", details)
+    for item in err.get("details", []) if isinstance(err, dict) else []:
+        if isinstance(item, dict) and isinstance(item.get("retryDelay"), str):
+            m = _DURATION.match(item["retryDelay"])
+            if m:
+                return float(m.group(1))
+    return None
+
+
+def http_status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status
+    code = getattr(exc, "code", None)  # google.genai.errors.APIError
+    if isinstance(code, int) and hasattr(exc, "details"):
+        return code
+    return None
+
+
+def classify_exception(exc: BaseException, transient: tuple[type[BaseException], ...]) -> Failure | None:
+    """How to treat an exception from one request; None for an unknown exception (a bug: re-raise)."""
+    if isinstance(exc, TimeoutError):  # asyncio.wait_for's timeout
+        return Failure(retryable=True, fatal=False, message="timeout")
+    status = http_status(exc)
+    if status is not None:
+        response = getattr(exc, "response", None)
+        retry_after = parse_retry_after(getattr(response, "headers", None))
+        if retry_after is None:
+            retry_after = _retry_delay_from_body(getattr(exc, "details", None) or getattr(exc, "body", None))
+        message = f"HTTP {status}: {str(exc)[:300]}"
+        if status in FATAL_STATUS:
+            return Failure(retryable=False, fatal=True, message=message)
+        return Failure(retryable=status in RETRYABLE_STATUS, fatal=False, message=message, retry_after_s=retry_after)
+    if transient and isinstance(exc, transient):
+        return Failure(retryable=True, fatal=False, message=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Credentials
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_api_key(env_names: Sequence[str], base_url: str | None, provider: str) -> str:
+    """The key from the first set environment variable in ``env_names``.
+
+    A custom ``base_url`` (a local or self-hosted server) without a key gets a dummy one; the provider's
+    own endpoint without a key is a clear error.
+    """
+    for name in env_names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    if base_url:
+        host = urlparse(base_url).hostname or base_url
+        log.info("no %s set; using a dummy API key for %s", " or ".join(env_names), host)
+        return LOCAL_DUMMY_KEY
+    raise TeacherError(f"{provider} teacher needs an API key: set the environment variable {' or '.join(env_names)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Event loop thread
+# --------------------------------------------------------------------------------------------------
+
+
+class LoopThread:
+    """A private asyncio loop in a daemon thread; ``run`` blocks the caller until a coroutine finishes."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("LoopThread.run called from its own loop (would deadlock)")
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared API teacher
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    """What one HTTP request returned: texts (raw, before post-processing) and reported usage."""
+
+    texts: list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _CallOutcome:
+    texts: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+def _first_teacher_error(exc: BaseException) -> BaseException:
+    """The most useful exception inside a (nested) ExceptionGroup: a TeacherError if any."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_first_teacher_error(e) for e in exc.exceptions]
+        for leaf in leaves:
+            if isinstance(leaf, TeacherError):
+                return leaf
+        return leaves[0] if leaves else exc
+    return exc
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """Per-request seed: distinct for each sample index, so top-ups and separate requests differ."""
+    return (seed * 1_000_003 + sample_index) % (2**31 - 1)
+
+
+def estimate_tokens(text: str) -> int:
+    """Fallback when a server reports no usage: ~4 characters per token."""
+    return math.ceil(len(text) / 4)
+
+
+class APITeacher(Teacher):
+    """Base of the HTTP backends. Subclasses build the payload, send it and post-process texts.
+
+    A subclass sets ``backend`` and ``protocol`` and implements :meth:`build_payload`,
+    :meth:`_create_client`, :meth:`_send` and :meth:`postprocess`; ``transient_exceptions`` lists its
+    SDK's connection/timeout errors. Construct with plain keyword arguments (``from_options(**kw)``).
+    """
+
+    backend: ClassVar[str] = "api"
+    protocol: ClassVar[str] = "completion"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str | None = None,
+        privileged: bool = False,
+        max_n_per_request: int | None = None,
+        ledger: BudgetLedger | None = None,
+        **runtime: Any,
+    ) -> None:
+        if not model:
+            raise ConfigError(f"{self.backend} teacher needs a model name")
+        if max_n_per_request is not None and max_n_per_request < 1:
+            raise ConfigError(f"max_n_per_request must be >= 1, got {max_n_per_request}")
+        try:
+            self.options = RuntimeOptions(**runtime)
+        except TypeError as err:
+            raise ConfigError(f"{self.backend} teacher: {err}") from None
+        self.model = model
+        self.base_url = base_url
+        self.privileged = privileged
+        self.max_n_per_request = max_n_per_request
+        self.name = f"{self.backend}:{model}" + (":privileged" if privileged else "")
+        self.ledger = ledger or BudgetLedger(
+            price_input_per_mtok=self.options.price_input_per_mtok,
+            price_output_per_mtok=self.options.price_output_per_mtok,
+            max_cost_usd=self.options.max_cost_usd,
+            max_total_tokens=self.options.max_total_tokens,
+        )
+        self.cache = ResponseCache(self.options.cache_path) if self.options.cache_path else None
+        self._loop: LoopThread | None = None
+        self._client: Any = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._rng = random.Random()
+        self._warned_short = False
+        self._warned_identical = False
+        self.transient_exceptions: tuple[type[BaseException], ...] = ()  # the SDK's connection/timeout errors
+        self.api_key_envs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, **options: Any) -> APITeacher:
+        return cls(**options)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_payload(
+        self, request: ContinuationRequest, spec: SamplingSpec, n: int, sample_index: int
+    ) -> dict[str, Any]:
+        """Exactly the JSON body sent for ``n`` samples starting at ``sample_index`` (no credentials)."""
+
+    @abstractmethod
+    def _create_client(self) -> Any:
+        """The SDK's async client (called inside the teacher's event loop, SDK retries off)."""
+
+    @abstractmethod
+    async def _send(self, client: Any, payload: dict[str, Any]) -> RawResponse:
+        """Send one payload with the SDK; raise the SDK's exceptions unchanged."""
+
+    @abstractmethod
+    def postprocess(self, request: ContinuationRequest, text: str) -> str:
+        """Raw API text -> continuation that reads right after ``request.prefix``."""
+
+    async def _close_client(self, client: Any) -> None:
+        close = getattr(client, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def sdk_timeout_s(self) -> float:
+        """The SDK's own timeout: a little above ours, so ours (counted, retried) fires first."""
+        return self.options.timeout_s + 5.0
+
+    # -- Teacher API -------------------------------------------------------------------------------
+    def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
+        if spec.n < 1 or spec.max_new_tokens < 1:
+            raise ValueError(
+                f"need n >= 1 and max_new_tokens >= 1, got n={spec.n}, max_new_tokens={spec.max_new_tokens}"
+            )
+        if spec.temperature == 0 and spec.n > 1:
+            raise ValueError("a greedy teacher (temperature 0) with n > 1 returns n identical continuations")
+        if not requests:
+            return []
+        if self._loop is None:
+            self._loop = LoopThread(name=f"omniopd-teacher-{self.backend}")
+        return self._loop.run(self._run(list(requests), spec))
+
+    def metrics(self) -> dict[str, float]:
+        return self.ledger.snapshot()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            if self._client is not None:
+                client, self._client = self._client, None
+                try:
+                    self._loop.run(self._close_client(client))
+                except Exception as err:  # noqa: BLE001 - closing must not mask the run's outcome
+                    log.debug("closing %s client: %s", self.backend, err)
+            self._loop.stop()
+            self._loop = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    def __enter__(self) -> APITeacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        """Options for the run record (no credentials)."""
+        return {
+            "backend": self.backend,
+            "protocol": self.protocol,
+            "model": self.model,
+            "base_url": self.base_url,
+            "privileged": self.privileged,
+            "max_n_per_request": self.max_n_per_request,
+            **asdict(self.options),
+        }
+
+    # -- scheduling --------------------------------------------------------------------------------
+    async def _run(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
+        if self._client is None:
+            self._client = self._create_client()
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.options.max_concurrency)
+        results: list[ContinuationResult | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(req.trajectory, []).append(i)
+        ordered = [sorted(idxs, key=lambda i: (len(requests[i].prefix), i)) for idxs in groups.values()]
+
+        async def one(i: int) -> None:
+            results[i] = await self._fulfil(requests[i], spec)
+
+        async def trajectory(idxs: list[int]) -> None:
+            if self.options.dispatch == "sequential":
+                for i in idxs:
+                    await one(i)
+                return
+            await one(idxs[0])  # warm the server's prefix cache with the shortest prefix
+            async with asyncio.TaskGroup() as tg:
+                for i in idxs[1:]:
+                    tg.create_task(one(i))
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.options.dispatch == "parallel":
+                    depth = max(len(idxs) for idxs in ordered)
+                    for rank in range(depth):  # interleave trajectories, ascending prefix within each
+                        for idxs in ordered:
+                            if rank < len(idxs):
+                                tg.create_task(one(idxs[rank]))
+                else:
+                    for idxs in ordered:
+                        tg.create_task(trajectory(idxs))
+        except BaseExceptionGroup as group:
+            raise _first_teacher_error(group) from None
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    async def _fulfil(self, request: ContinuationRequest, spec: SamplingSpec) -> ContinuationResult:
+        """Exactly ``spec.n`` texts for one request, or a result with ``error``."""
+        n = spec.n
+        per = min(n, self.max_n_per_request or n)
+        texts: dict[int, str] = {}
+        usage = [0, 0]
+        errors: list[str] = []
+
+        async def call(start: int, want: int) -> bool:
+            """True when the call returned everything it asked for."""
+            out = await self._call(self.build_payload(request, spec, want, start), spec, start)
+            if out.error is not None:
+                errors.append(out.error)
+                return False
+            usage[0] += out.prompt_tokens
+            usage[1] += out.completion_tokens
+            got = out.texts[:want]
+            for j, text in enumerate(got):
+                texts[start + j] = text
+            return len(got) == want
+
+        complete = await call(0, per)  # alone first: warms the prefix cache for the other samples
+        missing = [i for i in range(n) if i not in texts]
+        if missing and not errors and complete:  # the server honours n: ask for the rest in groups of ``per``
+            calls = [(missing[k], min(per, len(missing) - k)) for k in range(0, len(missing), per)]
+            async with asyncio.TaskGroup() as tg:
+                for start, want in calls:
+                    tg.create_task(call(start, want))
+            missing = [i for i in range(n) if i not in texts]
+        rounds = 0
+        while missing and not errors and rounds < self.options.max_topup_rounds:
+            rounds += 1
+            self._warn_short(len(texts), n)
+            self.ledger.record_topup(len(missing))
+            async with asyncio.TaskGroup() as tg:
+                for i in missing:
+                    tg.create_task(call(i, 1))
+            missing = [i for i in range(n) if i not in texts]
+        if errors:
+            return ContinuationResult(prompt_tokens=usage[0], completion_tokens=usage[1], error=errors[0])
+        if missing:
+            return ContinuationResult(
+                prompt_tokens=usage[0],
+                completion_tokens=usage[1],
+                error=f"teacher returned {len(texts)} of {n} continuations after {rounds} top-up rounds",
+            )
+        final = [self.postprocess(request, texts[i]) for i in range(n)]
+        if n > 1 and len(set(final)) == 1:
+            self._note_identical(n)
+        return ContinuationResult(texts=final, prompt_tokens=usage[0], completion_tokens=usage[1])
+
+    def _note_identical(self, n: int) -> None:
+        self.ledger.record_identical()
+        if not self._warned_identical:
+            self._warned_identical = True
+            log.warning(
+                "%s returned %d identical continuations for one chunk: is the server sampling? (e.g. `transformers "
+                "serve` samples only when the model's generation_config has do_sample=True); identical samples "
+                "collapse k_sem to 0 or N",
+                self.name,
+                n,
+            )
+
+    def _warn_short(self, got: int, n: int) -> None:
+        if not self._warned_short:
+            self._warned_short = True
+            log.warning(
+                "%s returned fewer continuations than asked (%d of %d); topping up with one-sample requests "
+                "(set max_n_per_request=1 to skip the short multi-sample requests)",
+                self.name,
+                got,
+                n,
+            )
+
+    async def _call(self, payload: dict[str, Any], spec: SamplingSpec, sample_index: int) -> _CallOutcome:
+        """One logical request: cache, then HTTP with retries. Raises TeacherError (budget, fatal)."""
+        key = ""
+        if self.cache is not None:
+            sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "seed": spec.seed, "sample": sample_index}
+            key = cache_key(self.backend, self.model, payload, sampling)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.ledger.record_cache_hit()
+                return _CallOutcome(
+                    texts=hit.texts, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
+                )
+        assert self._semaphore is not None
+        opts = self.options
+        for attempt in range(opts.max_retries + 1):
+            self.ledger.check()
+            async with self._semaphore:
+                self.ledger.check()  # the cap may have been reached while waiting for a slot
+                self.ledger.record_request()
+                started = time.perf_counter()
+                try:
+                    raw = await asyncio.wait_for(self._send(self._client, payload), opts.timeout_s)
+                except Exception as exc:  # noqa: BLE001 - classified below; unknown ones re-raised
+                    failure = classify_exception(exc, self.transient_exceptions)
+                    if failure is None:
+                        raise
+                else:
+                    latency = time.perf_counter() - started
+                    prompt_tokens = raw.prompt_tokens or estimate_tokens(str(payload))
+                    completion_tokens = raw.completion_tokens or sum(estimate_tokens(t) for t in raw.texts)
+                    self.ledger.record_success(prompt_tokens, completion_tokens, latency)
+                    if self.cache is not None and raw.texts:
+                        try:
+                            self.cache.put(
+                                key,
+                                self.backend,
+                                self.model,
+                                CachedResponse(raw.texts, prompt_tokens, completion_tokens),
+                            )
+                        except Exception as err:  # noqa: BLE001 - a full disk must not stop training
+                            log.warning("teacher cache write failed: %s", err)
+                    return _CallOutcome(
+                        texts=raw.texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+                    )
+            if failure.fatal:
+                self.ledger.record_failure()
+                raise TeacherError(
+                    f"{self.name}: {failure.message} (check the model name, base_url and the API key variable)"
+                )
+            if not failure.retryable or attempt == opts.max_retries:
+                self.ledger.record_failure()
+                tries = attempt + 1
+                return _CallOutcome(error=f"{failure.message} (after {tries} attempt{'s' if tries > 1 else ''})")
+            self.ledger.record_retry()
+            await asyncio.sleep(self._backoff(attempt, failure.retry_after_s))
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        opts = self.options
+        if retry_after_s is not None:
+            wait = min(retry_after_s, opts.max_retry_after_s)
+            return wait + self._rng.uniform(0, 0.1 * wait)  # a little jitter so clients do not return in lockstep
+        ceiling = min(opts.backoff_max_s, opts.backoff_base_s * (2**attempt))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+
+__all__ = [
+    "APITeacher",
+    "BudgetLedger",
+    "Failure",
+    "LoopThread",
+    "RawResponse",
+    "RuntimeOptions",
+    "classify_exception",
+    "derive_seed",
+    "parse_retry_after",
+    "resolve_api_key",
+]

@@ -1,0 +1,333 @@
+"""The training loop. Reads top to bottom:
+
+    sample -> audit (entropy, anchors, teacher, phi, target) -> loss/backward -> step -> log -> eval/save
+
+Each phase is a named function; the method is picked from ``METHODS`` (a dict of functions), so the
+baselines of later issues plug in without an if/elif ladder here. The reference model for the KL
+anchor is a frozen copy of the initial student; a local teacher on the same base model shares it.
+
+Distribution: the loop runs on ``accelerate`` (device placement, backward, clipping). Multi-process
+data parallelism needs the forward to go through the wrapped module and metrics to be reduced; that is
+not done yet, so more than one process is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.audit import AuditResult, run_audit
+from omniopd.config import RunConfig, dump_config
+from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
+from omniopd.data import Example, load_examples
+from omniopd.errors import ConfigError, OmniOPDError
+from omniopd.models import load_model
+from omniopd.prompts import student_messages
+from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
+from omniopd.teachers import Teacher, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """Seeded, epoch-based order over the training prompts; its position is part of a checkpoint."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, shuffle: bool = True):
+        self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next_batch(self) -> list[Example]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._make_order()
+
+
+@dataclass
+class TrainState:
+    cfg: RunConfig
+    accelerator: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module
+    tokenizer: object
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: PromptStream
+    out_dir: Path
+    step: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+
+def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(cfg.output_dir)
+    if (out_dir / "metrics.jsonl").exists() and not overwrite:
+        raise OmniOPDError(f"{out_dir} already holds a run (metrics.jsonl); choose another output_dir or pass --overwrite")
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        raise ConfigError("multi-process training is not supported yet: run with a single process")
+    set_seed(cfg.seed)
+    train_examples = load_examples(cfg.data.train)
+    model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
+    ref_model = copy.deepcopy(model).eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=cfg.optim.betas,
+    )
+    warm = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref_model.to(accelerator.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    for name in ("metrics.jsonl", "audits.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
+    stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    return TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# phases of one step
+
+
+def sample_phase(state: TrainState, examples: list[Example]) -> Rollouts:
+    r = state.cfg.rollout
+    prompts = chat_prompts(state.tokenizer, [student_messages(ex.question) for ex in examples])
+    model = state.accelerator.unwrap_model(state.model)
+    return sample_rollouts(
+        model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size,
+    )
+
+
+def audit_phase(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
+    cfg = state.cfg
+    return run_audit(
+        step=state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
+        batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
+        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher, seed=cfg.seed,
+        micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
+    )
+
+
+def omniopd_backward(state: TrainState, batch: SequenceBatch, audit: AuditResult) -> dict[str, float]:
+    """Weighted chunk likelihood + KL anchor, micro-batched; the loss is divided by the number of
+    trajectories in the step (a constant), so accumulation over micro-batches sums to the full-batch loss."""
+    cfg = state.cfg
+    B = batch.response_ids.shape[0]
+    chunk_sum = kl_sum = n_unaudited = n_audited = 0.0
+    for i in range(0, B, cfg.optim.micro_batch_size):
+        idx = list(range(i, min(B, i + cfg.optim.micro_batch_size)))
+        sub = batch.select(idx)
+        T = sub.response_ids.shape[1]
+        weights, chunk_mask = token_weights_from_chunks(
+            [audit.starts_B[j] for j in idx], [audit.targets_B[j] for j in idx], cfg.audit.chunk_tokens, T
+        )
+        hidden, head = response_hidden(state.model, sub)
+        with torch.no_grad():
+            ref_hidden, ref_head = response_hidden(state.ref_model, sub)
+        stats = token_stats(
+            hidden, head, sub.response_ids, ref_hidden=ref_hidden, ref_head=ref_head, slice_size=cfg.loss.slice_size
+        )
+        out = omniopd_loss(
+            OmniOPDLossInputs(
+                student_logprobs=stats.logprobs,
+                kl_ref_to_student=stats.kl_ref_to_student,
+                response_mask=sub.response_mask,
+                chunk_weights=weights.to(stats.logprobs.device),
+                chunk_mask=chunk_mask.to(stats.logprobs.device),
+            ),
+            kl_anchor_coef=cfg.loss.kl_anchor_coef,
+            normalizer=float(B),
+        )
+        state.accelerator.backward(out.loss)
+        chunk_sum += out.metrics["loss/chunk"]
+        kl_sum += out.metrics["loss/kl_anchor_sum"] * B
+        n_unaudited += out.metrics["tokens/unaudited"]
+        n_audited += out.metrics["tokens/audited"]
+    return {
+        "loss/chunk": chunk_sum,
+        "loss/kl_anchor": kl_sum / max(n_unaudited, 1.0),
+        "loss/total": chunk_sum + cfg.loss.kl_anchor_coef * kl_sum / B,
+        "audit/token_frac": n_audited / max(n_audited + n_unaudited, 1.0),
+    }
+
+
+METHODS: dict[str, Callable[[TrainState, SequenceBatch, AuditResult], dict[str, float]]] = {
+    "omniopd": omniopd_backward,
+}
+
+
+def optimizer_phase(state: TrainState) -> dict[str, float]:
+    grad_norm = state.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.max_grad_norm)
+    lr = state.scheduler.get_last_lr()[0]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return {"optim/grad_norm": float(grad_norm), "optim/lr": lr}
+
+
+def log_phase(state: TrainState, metrics: dict[str, float], audit: AuditResult) -> None:
+    with (state.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": state.step, **metrics}) + "\n")
+    if audit.records:
+        with (state.out_dir / "audits.jsonl").open("a", encoding="utf-8") as fh:
+            for rec in audit.records:
+                fh.write(json.dumps(rec) + "\n")
+
+
+def train_step(state: TrainState) -> dict[str, float]:
+    t_step = time.perf_counter()
+    examples = state.stream.next_batch()
+    t0 = time.perf_counter()
+    rollouts = sample_phase(state, examples)
+    t_rollout = time.perf_counter() - t0
+    audit = audit_phase(state, rollouts, examples)
+    t0 = time.perf_counter()
+    loss_metrics = METHODS[state.cfg.method](state, rollouts.batch, audit)
+    t_loss = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    optim_metrics = optimizer_phase(state)
+    t_optim = time.perf_counter() - t0
+    state.step += 1
+    lengths = rollouts.lengths
+    for key in ("teacher/tokens", "teacher/requests"):
+        state.totals[key] = state.totals.get(key, 0.0) + audit.metrics[key]
+    metrics = {
+        **loss_metrics,
+        **audit.metrics,
+        **optim_metrics,
+        "rollout/mean_length": sum(lengths) / len(lengths),
+        "rollout/max_length": float(max(lengths)),
+        "rollout/truncated_frac": rollouts.truncated_frac,
+        "rollout/trajectories": float(len(lengths)),
+        "teacher/tokens_total": state.totals["teacher/tokens"],
+        "time/rollout_s": t_rollout,
+        "time/loss_backward_s": t_loss,
+        "time/optimizer_s": t_optim,
+        "time/step_s": time.perf_counter() - t_step,
+    }
+    for k, v in metrics.items():
+        if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):
+            raise RuntimeError(f"step {state.step}: metric {k} is {v}; stopping before the model is damaged further")
+    log_phase(state, metrics, audit)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_eval(state: TrainState, tag: str) -> dict:
+    from omniopd.evaluation.runner import evaluate_math
+
+    e = state.cfg.eval
+    examples = load_examples(e.data, limit=e.limit)
+    summary = evaluate_math(
+        state.accelerator.unwrap_model(state.model), state.tokenizer, examples, max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size, records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", desc=f"eval {tag}",
+    )
+    summary["data"] = e.data
+    (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save_final(state: TrainState) -> Path:
+    path = state.out_dir / "final"
+    model = state.accelerator.unwrap_model(state.model)
+    model.save_pretrained(path, safe_serialization=True)
+    state.tokenizer.save_pretrained(path)
+    return path
+
+
+def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:
+    t_run = time.perf_counter()
+    state = setup(cfg, overwrite=overwrite)
+    before = run_eval(state, "before") if cfg.eval.before and cfg.max_steps >= 0 else None
+    keys = ("loss/total", "audit/k_sem_mean", "audit/target_mean", "loss/kl_anchor", "rollout/mean_length")
+    last: dict[str, float] = {}
+    ksem_sum = ksem_n = 0.0
+    with tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not progress) as bar:
+        while state.step < cfg.max_steps:
+            last = train_step(state)
+            ksem_sum += last["audit/k_sem_mean"] * last["audit/chunks"]
+            ksem_n += last["audit/chunks"]
+            bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
+            bar.update(1)
+    final = save_final(state)
+    after = run_eval(state, "after") if cfg.eval.after else None
+    summary = {
+        "output_dir": str(state.out_dir),
+        "final_model": str(final),
+        "steps": state.step,
+        "teacher": state.teacher.name,
+        "eval_data": cfg.eval.data,
+        "accuracy_before": before and {"accuracy": before["accuracy"], "ci95": before["ci95"], "n": before["n"]},
+        "accuracy_after": after and {"accuracy": after["accuracy"], "ci95": after["ci95"], "n": after["n"]},
+        "k_sem_mean": ksem_sum / ksem_n if ksem_n else None,
+        "teacher_samples": cfg.audit.teacher_samples,
+        "teacher_tokens": state.totals.get("teacher/tokens", 0.0),
+        "teacher_requests": state.totals.get("teacher/requests", 0.0),
+        "wall_time_s": time.perf_counter() - t_run,
+    }
+    (state.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    def acc(a):
+        if not a:
+            return "not evaluated"
+        return f"{100 * a['accuracy']:.1f}% (95% CI {100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}, n={a['n']})"
+
+    ksem = "n/a" if s["k_sem_mean"] is None else f"{s['k_sem_mean']:.3f} of N={s['teacher_samples']}"
+    return "\n".join([
+        "== omniopd summary ==",
+        f"run dir           {s['output_dir']}",
+        f"steps             {s['steps']}   teacher {s['teacher']}",
+        f"accuracy before   {acc(s['accuracy_before'])}   [{s['eval_data']}]",
+        f"accuracy after    {acc(s['accuracy_after'])}",
+        f"k_sem mean        {ksem}",
+        f"teacher tokens    {int(s['teacher_tokens'])} in {int(s['teacher_requests'])} requests",
+        f"wall time         {s['wall_time_s'] / 60:.1f} min",
+        f"final model       {s['final_model']}",
+    ])

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random Llama models built from a config (no download), and the data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def tiny_llama(vocab_size: int = 96, hidden: int = 32, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def char_tokenizer(extra_chars: str = ""):
+    """A real ``PreTrainedTokenizerFast`` (word-level over characters) with a ChatML template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(" \n\t.,:;!?'\"#()+-*/=$%<>_|{}[]0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" + extra_chars))
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from omniopd.data import shared_data_dir
+
+    return shared_data_dir()
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + character tokenizer saved as a HF directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = char_tokenizer()
+    model = tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

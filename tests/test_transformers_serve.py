@@ -1,0 +1,182 @@
+"""A real ``transformers serve`` (from ``transformers[serving]``) as the teacher's server.
+
+A tiny random Llama (hidden size 32, 2 layers) with the real SmolLM2 tokenizer and chat template is saved
+to a temp dir and served on 127.0.0.1; the OpenAI completions and chat teachers talk to it through the
+official ``openai`` client. Two behaviours of the server shape this test:
+* it answers one choice whatever ``n`` asks, so the completions teacher must top up to N;
+* it samples only when the model's ``generation_config`` has ``do_sample=True`` (a request's
+  ``temperature`` alone does not switch sampling on), so the tiny model is saved that way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("openai")
+
+from omniopd.errors import ModelError
+from omniopd.teachers.base import ContinuationRequest, SamplingSpec
+from omniopd.teachers.openai_backend import OpenAIChatTeacher, OpenAICompletionsTeacher
+
+STARTUP_TIMEOUT_S = 120.0
+NO_KEY_ENV = "OMNIOPD_TEST_UNSET_KEY"  # never send a developer's real key to the local server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tiny_model(target: Path) -> Any:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from omniopd.models import load_tokenizer
+
+    try:
+        tok = load_tokenizer("smollm2-135m-instruct")
+    except ModelError as err:
+        pytest.skip(f"the packaged SmolLM2 tokenizer is unavailable: {err}")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    return tok
+
+
+def _serve_command(model_dir: Path, port: int) -> list[str]:
+    script = Path(sys.executable).with_name("transformers")
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "transformers.cli.transformers"]
+    return [
+        *head,
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("transformers-serve")
+    model_dir = root / "tiny-llama"
+    tok = _tiny_model(model_dir)
+    port = _free_port()
+    log_path = root / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(_serve_command(model_dir, port), stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - started > STARTUP_TIMEOUT_S:
+                pytest.fail(
+                    f"transformers serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.25)
+        with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
+            models = [m["id"] for m in json.load(resp)["data"]]
+        yield {
+            "url": url,
+            "model": str(model_dir),
+            "models": models,
+            "tokenizer": tok,
+            "startup_s": time.perf_counter() - started,
+            "log": log_path,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+REQUESTS = [
+    ContinuationRequest(question="What is 2 + 3?", prefix="We add ", trajectory=0),
+    ContinuationRequest(question="What is 2 + 3?", prefix="We add 2 and 3 to get", trajectory=0),
+]
+
+
+def test_completions_teacher_gets_n_texts_from_transformers_serve(served: dict[str, Any]) -> None:
+    assert served["model"] in served["models"]  # the pinned model is the one listed
+    teacher = OpenAICompletionsTeacher(
+        served["model"],
+        base_url=served["url"] + "/v1",
+        api_key_env=NO_KEY_ENV,
+        tokenizer=served["tokenizer"],
+        max_concurrency=4,
+        timeout_s=60.0,
+    )
+    with teacher:
+        assert teacher.prompt_text(REQUESTS[0]).startswith("<|im_start|>system")
+        assert teacher.prompt_text(REQUESTS[0]).endswith("<|im_start|>assistant\nWe add ")
+        results = teacher.continue_prefixes(REQUESTS, SamplingSpec(n=3, max_new_tokens=8, seed=1))
+        metrics = teacher.metrics()
+    assert [r.error for r in results] == [None, None]
+    assert [len(r.texts) for r in results] == [3, 3]
+    assert all(len(set(r.texts)) > 1 for r in results)  # really sampled (do_sample in generation_config)
+    # one choice per request whatever n says: two top-ups per chunk
+    assert metrics["teacher/requests"] == 6 and metrics["teacher/topup_requests"] == 4
+    assert metrics["teacher/tokens_in"] > 0 and metrics["teacher/tokens_out"] > 0
+
+
+def test_chat_teacher_gets_n_texts_from_transformers_serve(served: dict[str, Any]) -> None:
+    teacher = OpenAIChatTeacher(
+        served["model"], base_url=served["url"] + "/v1", api_key_env=NO_KEY_ENV, max_concurrency=4, timeout_s=60.0
+    )
+    with teacher:
+        results = teacher.continue_prefixes(REQUESTS[:1], SamplingSpec(n=2, max_new_tokens=8, seed=2))
+        metrics = teacher.metrics()
+    assert results[0].error is None and len(results[0].texts) == 2
+    assert metrics["teacher/failed_requests"] == 0 and metrics["teacher/requests"] == 2
