@@ -35,7 +35,46 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--question-field", default=None)
     e.add_argument("--answer-field", default=None)
     e.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("check-teacher", help="send a few real prefixes to the configured teacher and check what comes back")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--prefixes", type=int, default=3)
+    c.add_argument("--output", default=None, help="also write the report as JSON")
+
+    r = sub.add_parser("report", help="plots and an HTML audit viewer for a run directory")
+    r.add_argument("run_dir")
     return p
+
+
+def _cmd_check_teacher(args) -> int:
+    from omniopd.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from omniopd.data import load_examples
+    from omniopd.models import load_tokenizer
+    from omniopd.preflight import check_teacher, format_check
+    from omniopd.teachers import build_teacher
+
+    examples = load_examples(cfg.data.train, limit=max(args.prefixes, 1))
+    tokenizer = load_tokenizer(cfg.student.name)
+    teacher = build_teacher(cfg)
+    try:
+        report = check_teacher(cfg, teacher, tokenizer, examples, num_prefixes=args.prefixes)
+        report["backend"] = teacher.metrics()
+    finally:
+        teacher.close()
+    print(format_check(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from omniopd.report import write_report
+
+    index = write_report(Path(args.run_dir))
+    print(f"report written: {index}")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -79,7 +118,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "check-teacher": _cmd_check_teacher, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

