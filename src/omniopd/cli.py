@@ -19,8 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a student from a YAML recipe")
-    t.add_argument("recipe", help="path to a recipe YAML")
+    t.add_argument("recipe", nargs="?", help="path to a recipe YAML (optional with --resume)")
     t.add_argument("overrides", nargs="*", help="key=value overrides with dotted paths, e.g. audit.chunk_tokens=24")
+    t.add_argument("--resume", metavar="OUTPUT_DIR", default=None,
+                   help="continue the run in OUTPUT_DIR from its last checkpoint (its config.yaml is the recipe)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -79,8 +81,22 @@ def _cmd_report(args) -> int:
 
 def _cmd_train(args) -> int:
     from omniopd.config import load_config
+    from omniopd.errors import ConfigError
 
-    cfg = load_config(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    recipe = args.recipe
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        overrides.insert(0, recipe)  # `train --resume DIR key=value`: no recipe given
+        recipe = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        recipe = recipe or run_dir / "config.yaml"
+        if not Path(recipe).is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory?)")
+        overrides += [f"output_dir={run_dir}", "resume=true"]
+    if recipe is None:
+        raise ConfigError("train needs a recipe YAML (or --resume OUTPUT_DIR)")
+    cfg = load_config(recipe, overrides)
     from omniopd.trainer import format_summary, train
 
     summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)

@@ -120,9 +120,15 @@ class EvalConfig(_Section):
     after: bool = True
 
 
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
+    keep_last: int = Field(2, ge=1)
+
+
 class RunConfig(_Section):
     method: Literal["omniopd"] = "omniopd"
     output_dir: str = "runs/omniopd"
+    resume: bool | Literal["auto"] = False  # auto: continue from output_dir's last checkpoint if there is one
     seed: int = 0
     max_steps: int = Field(10, ge=0)
     log_every: int = Field(1, ge=1)
@@ -134,6 +140,7 @@ class RunConfig(_Section):
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.audit import AuditResult, run_audit
+from omniopd.checkpoint import config_differences, list_checkpoints, load_into, load_trainer_state, save_checkpoint
 from omniopd.config import RunConfig, dump_config
 from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
 from omniopd.data import Example, load_examples
@@ -95,8 +96,11 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     from accelerate.utils import set_seed
 
     out_dir = Path(cfg.output_dir)
-    if (out_dir / "metrics.jsonl").exists() and not overwrite:
-        raise OmniOPDError(f"{out_dir} already holds a run (metrics.jsonl); choose another output_dir or pass --overwrite")
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from is None and (out_dir / "metrics.jsonl").exists() and not overwrite:
+        raise OmniOPDError(
+            f"{out_dir} already holds a run (metrics.jsonl); resume it with --resume {out_dir}, choose another output_dir, or pass --overwrite"
+        )
     accelerator = Accelerator()
     if accelerator.num_processes > 1:
         raise ConfigError("multi-process training is not supported yet: run with a single process")
@@ -119,12 +123,70 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     ref_model.to(accelerator.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
-    for name in ("metrics.jsonl", "audits.jsonl"):
-        (out_dir / name).unlink(missing_ok=True)
     stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir)
-    preflight(state, train_examples)
+    if resume_from is None:
+        for name in ("metrics.jsonl", "audits.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        preflight(state, train_examples)
+    else:
+        restore(state, resume_from)
     return state
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from: the newest one when ``resume`` is true or "auto" and one exists."""
+    if not cfg.resume:
+        return None
+    ckpts = list_checkpoints(Path(cfg.output_dir))
+    if not ckpts:
+        if cfg.resume is True:
+            raise OmniOPDError(f"nothing to resume: no checkpoint in {Path(cfg.output_dir) / 'checkpoints'}")
+        return None
+    saved = load_trainer_state(ckpts[-1])
+    import yaml
+
+    try:
+        saved_cfg = yaml.safe_load((ckpts[-1] / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raise OmniOPDError(f"checkpoint {ckpts[-1]} is corrupt (config.yaml unreadable)") from None
+    diffs = config_differences(saved_cfg or {}, cfg.model_dump(mode="json"))
+    if diffs:
+        raise OmniOPDError(f"checkpoint {ckpts[-1]} was written with a different config ({', '.join(diffs[:5])}); resume with the same recipe")
+    if saved["step"] > cfg.max_steps:
+        raise OmniOPDError(f"checkpoint is at step {saved['step']}, past max_steps={cfg.max_steps}")
+    return ckpts[-1]
+
+
+def restore(state: TrainState, ckpt: Path) -> None:
+    """Continue exactly where ``ckpt`` left off: weights, optimizer, scheduler, RNG, data position, logs."""
+    saved = load_trainer_state(ckpt)
+    load_into(ckpt, model=state.accelerator.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
+    state.step = int(saved["step"])
+    state.stream.load_state_dict(saved["stream"])
+    state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
+    # logs written after the checkpoint (by the killed process) are dropped: those steps run again
+    for name in ("metrics.jsonl", "audits.jsonl"):
+        path = state.out_dir / name
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= state.step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by the kill ends the usable log
+            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+    tqdm.write(f"omniopd: resumed from {ckpt} (step {state.step})")
+
+
+def checkpoint(state: TrainState) -> Path:
+    return save_checkpoint(
+        state.out_dir, state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
+        optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
+        trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
+        keep_last=state.cfg.checkpoint.keep_last,
+    )
 
 
 def preflight(state: TrainState, examples: list[Example]) -> None:
@@ -244,6 +306,8 @@ def train_step(state: TrainState) -> dict[str, float]:
     lengths = rollouts.lengths
     for key in ("teacher/tokens", "teacher/requests"):
         state.totals[key] = state.totals.get(key, 0.0) + audit.metrics[key]
+    state.totals["chunks"] = state.totals.get("chunks", 0.0) + audit.metrics["audit/chunks"]
+    state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + audit.metrics["audit/k_sem_mean"] * audit.metrics["audit/chunks"]
     # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*
     backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
     metrics = {
@@ -297,11 +361,15 @@ def save_final(state: TrainState) -> Path:
 def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:
     t_run = time.perf_counter()
     state = setup(cfg, overwrite=overwrite)
-    before = run_eval(state, "before") if cfg.eval.before and cfg.max_steps >= 0 else None
+    before_path = state.out_dir / "eval_before.json"
+    if cfg.eval.before and not (state.step > 0 and before_path.exists()):
+        before = run_eval(state, "before")
+    else:
+        before = json.loads(before_path.read_text()) if before_path.exists() else None
     keys = ("loss/total", "audit/k_sem_mean", "audit/target_mean", "loss/kl_anchor", "rollout/mean_length")
     last: dict[str, float] = {}
-    ksem_sum = ksem_n = 0.0
-    with tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not progress) as bar:
+    every = cfg.checkpoint.every_steps
+    with tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
         while state.step < cfg.max_steps:
             try:
                 last = train_step(state)
@@ -310,11 +378,13 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
                 path = save_final(state)
                 state.teacher.close()
                 raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
-            ksem_sum += last["audit/k_sem_mean"] * last["audit/chunks"]
-            ksem_n += last["audit/chunks"]
+            if every and state.step % every == 0 and state.step < cfg.max_steps:
+                checkpoint(state)
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
             bar.update(1)
     state.teacher.close()
+    if not list_checkpoints(state.out_dir) or load_trainer_state(list_checkpoints(state.out_dir)[-1])["step"] != state.step:
+        checkpoint(state)
     final = save_final(state)
     after = run_eval(state, "after") if cfg.eval.after else None
     summary = {
@@ -325,7 +395,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
         "eval_data": cfg.eval.data,
         "accuracy_before": before and {"accuracy": before["accuracy"], "ci95": before["ci95"], "n": before["n"]},
         "accuracy_after": after and {"accuracy": after["accuracy"], "ci95": after["ci95"], "n": after["n"]},
-        "k_sem_mean": ksem_sum / ksem_n if ksem_n else None,
+        "k_sem_mean": state.totals["k_sem_sum"] / state.totals["chunks"] if state.totals.get("chunks") else None,
         "teacher_samples": cfg.audit.teacher_samples,
         "teacher_tokens": state.totals.get("teacher/tokens", 0.0),
         "teacher_requests": state.totals.get("teacher/requests", 0.0),

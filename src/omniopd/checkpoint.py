@@ -1,0 +1,116 @@
+"""Checkpoints that survive a kill, and exact resume.
+
+A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding the model (safetensors),
+the optimizer and scheduler states, every RNG state (Python, NumPy, torch CPU and CUDA), the prompt
+stream's position, the step, the running totals and the resolved config. It is written into a
+``.tmp`` sibling and renamed into place only when complete (a rename within a directory is atomic on
+POSIX), so a kill during the write leaves the previous checkpoint intact and the half-written one is
+ignored and cleaned up next time. ``keep_last`` bounds how many are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omniopd.errors import OmniOPDError
+
+_STEP_DIR = "step-{:06d}"
+# config fields that may change between a run and its resumption
+RESUMABLE_CHANGES = {"max_steps", "eval", "log_every", "checkpoint", "resume", "output_dir"}
+
+
+def checkpoint_root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")]
+    return sorted(done, key=lambda p: p.name)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                    config_yaml: str, keep_last: int) -> Path:
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _STEP_DIR.format(step)
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # the checkpoint exists only once it is complete
+    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        int(state["step"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OmniOPDError(f"checkpoint {ckpt} is corrupt or incomplete (trainer_state.json: {type(err).__name__})") from None
+
+
+def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
+    """Restore model weights, optimizer, scheduler and RNG states from ``ckpt`` (in place)."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # tied weights (lm_head = embed_tokens) are saved once; anything else missing is corruption
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    except OmniOPDError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != current.get(key):
+            if isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
+                diffs += [f"{key}.{d}" for d in config_differences(saved[key], current[key])]
+            else:
+                diffs.append(key)
+    return diffs
