@@ -112,12 +112,15 @@ class DataConfig(_Section):
 
 
 class EvalConfig(_Section):
-    data: str = "gsm8k-dev"
+    data: str = "gsm8k-dev"  # the benchmark of the before/after evaluations
     limit: int | None = Field(100, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(16, gt=0)
     before: bool = True
     after: bool = True
+    every_steps: int = Field(0, ge=0)  # also evaluate during training (0: never)
+    benchmarks: list[str] = Field(default_factory=list)  # during training; empty: [data]
+    best_metric: str | None = None  # e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it
 
 
 class CheckpointConfig(_Section):
