@@ -26,17 +26,27 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="evaluate a model on a math benchmark")
-    e.add_argument("--model", required=True, help="HF id, local directory, .gguf file, or packaged name")
-    e.add_argument("--data", default="gsm8k-dev", help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, or a .jsonl path")
+    e = sub.add_parser("eval", help="evaluate a model on a math or code benchmark")
+    e.add_argument("--model", required=True,
+                   help="HF id, local directory, .gguf file, packaged name, a run's final/ or checkpoint; with --api, the API model name")
+    e.add_argument("--data", default="gsm8k-dev",
+                   help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, humaneval, mbppplus, or a .jsonl path")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
-    e.add_argument("--output", required=True, help="summary JSON path (predictions go next to it)")
+    e.add_argument("--output", required=True, help="summary JSON path (per-problem records go next to it)")
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--n", type=int, default=1, help="samples per problem (needs --temperature > 0 when > 1)")
+    e.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report (default: 1 and n)")
+    e.add_argument("--extraction", default="hash,boxed,last_number", help="math answer extraction rules, in order")
     e.add_argument("--question-field", default=None)
     e.add_argument("--answer-field", default=None)
+    e.add_argument("--api", default=None, metavar="TEACHER_TYPE",
+                   help="evaluate an API model through a teacher backend: openai-completions, openai-chat, anthropic, gemini")
+    e.add_argument("--base-url", default=None)
+    e.add_argument("--api-key-env", default=None)
     e.add_argument("--no-progress", action="store_true")
+
     c = sub.add_parser("check-teacher", help="send a few real prefixes to the configured teacher and check what comes back")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
@@ -107,30 +117,52 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from omniopd.errors import ConfigError
 
-    for name in ("limit", "max_new_tokens", "batch_size"):
+    for name in ("limit", "max_new_tokens", "batch_size", "n"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0 (got {v})")
     if args.temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0 (got {args.temperature})")
-    from omniopd.data import load_examples
+    ks = tuple(sorted(set(args.k or [1, args.n])))
+    from omniopd.evaluation.runner import HFGenerator, TeacherGenerator, evaluate, load_problems
 
-    examples = load_examples(args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field)
-    from omniopd.evaluation.runner import evaluate_math
-    from omniopd.models import load_model
+    load_problems(args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field)  # fail fast
+    teacher = None
+    if args.api:
+        from omniopd.config import build_config
+        from omniopd.teachers import build_teacher
 
-    model, tok = load_model(args.model)
+        fields = {"type": args.api, "model": args.model, "base_url": args.base_url, "api_key_env": args.api_key_env,
+                  "temperature": args.temperature}
+        cfg = build_config({"teacher": {k: v for k, v in fields.items() if v is not None}, "audit": {"teacher_samples": args.n}})
+        teacher = build_teacher(cfg)
+        generator = TeacherGenerator(teacher)
+    else:
+        from omniopd.models import load_model
+
+        model, tok = load_model(args.model)
+        generator = HFGenerator(model, tok, args.model)
     out = Path(args.output)
-    summary = evaluate_math(
-        model, tok, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        temperature=args.temperature, records_path=out.with_name(out.stem + "_predictions.jsonl"),
-        show_progress=not args.no_progress,
-    )
+    try:
+        summary = evaluate(
+            generator, args.data, limit=args.limit, n=args.n, ks=ks, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            extraction=tuple(r.strip() for r in args.extraction.split(",") if r.strip()),
+            question_field=args.question_field, answer_field=args.answer_field,
+            records_path=out.with_name(out.stem + "_records.jsonl"), show_progress=not args.no_progress,
+        )
+    finally:
+        if teacher is not None:
+            summary_backend = teacher.metrics()
+            teacher.close()
+    if teacher is not None:
+        summary["backend"] = summary_backend
     summary.update({"model": args.model, "data": args.data})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     lo, hi = summary["ci95"]
-    print(f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}) -> {out}")
+    extra = "".join(f", pass@{k} {100 * summary[f'pass@{k}']:.1f}%" for k in ks if k != 1)
+    print(f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}){extra} -> {out}")
     return 0
 
 

@@ -328,6 +328,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     for k, v in metrics.items():
         if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):
             raise RuntimeError(f"step {state.step}: metric {k} is {v}; stopping before the model is damaged further")
+    metrics.update(eval_phase(state))
     log_phase(state, metrics, audit)
     return metrics
 
@@ -336,26 +337,59 @@ def train_step(state: TrainState) -> dict[str, float]:
 # the run
 
 
-def run_eval(state: TrainState, tag: str) -> dict:
-    from omniopd.evaluation.runner import evaluate_math
+def run_eval(state: TrainState, tag: str, benchmark: str | None = None) -> dict:
+    from omniopd.evaluation.runner import evaluate_model
 
     e = state.cfg.eval
-    examples = load_examples(e.data, limit=e.limit)
-    summary = evaluate_math(
-        state.accelerator.unwrap_model(state.model), state.tokenizer, examples, max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size, records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", desc=f"eval {tag}",
+    benchmark = benchmark or e.data
+    summary = evaluate_model(
+        state.accelerator.unwrap_model(state.model), state.tokenizer, benchmark, limit=e.limit,
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=False,
     )
-    summary["data"] = e.data
+    summary["data"] = benchmark
     (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def save_final(state: TrainState) -> Path:
-    path = state.out_dir / "final"
-    model = state.accelerator.unwrap_model(state.model)
-    model.save_pretrained(path, safe_serialization=True)
-    state.tokenizer.save_pretrained(path)
+def eval_phase(state: TrainState) -> dict[str, float]:
+    """Evaluation during training (``eval.every_steps``), and the best checkpoint by ``eval.best_metric``."""
+    e = state.cfg.eval
+    if not e.every_steps or state.step % e.every_steps:
+        return {}
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for bench in e.benchmarks or [e.data]:
+        s = run_eval(state, f"step{state.step:06d}_{bench.replace('/', '_')}", bench)
+        metrics[f"eval/{bench}/accuracy"] = s["accuracy"]
+        metrics[f"eval/{bench}/ci95_low"], metrics[f"eval/{bench}/ci95_high"] = s["ci95"]
+        metrics[f"eval/{bench}/truncated_frac"] = s["truncated_frac"]
+    if e.best_metric:
+        if e.best_metric not in metrics:
+            raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not among the evaluation metrics {sorted(metrics)}")
+        value = metrics[e.best_metric]
+        if value > state.totals.get("best_value", float("-inf")):
+            state.totals["best_value"], state.totals["best_step"] = value, float(state.step)
+            save_model(state, state.out_dir / "best")
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def save_model(state: TrainState, path: Path) -> Path:
+    """``from_pretrained``-loadable copy of the current student, written aside and renamed into place."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state.accelerator.unwrap_model(state.model).save_pretrained(tmp, safe_serialization=True)
+    state.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
     return path
+
+
+def save_final(state: TrainState) -> Path:
+    return save_model(state, state.out_dir / "final")
 
 
 def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:

@@ -1,69 +1,184 @@
-"""Math evaluation of a student: generate, extract the final answer, grade with math-verify.
+"""The evaluation runner: generate answers, grade them, summarise with intervals.
 
-Greedy by default (temperature 0); batched ``generate`` with a progress bar. Writes per-problem
-records (prompt, output, extracted answer, extraction rule, verdict) and returns a summary with the
-accuracy, its 95% Wilson interval and the share of answers that could not be parsed.
+Benchmarks: the math sets (``gsm8k-dev``, ``math500``, ``amc23``, ``aime24`` or any jsonl with field
+mappings), graded by final-answer extraction + math-verify; and the code sets (``humaneval``,
+``mbppplus``), graded by running the code in the sandbox of :mod:`omniopd.evaluation.sandbox`.
+
+Generation comes from a :class:`Generator`: a Hugging Face model (batched ``generate`` with a progress
+bar, greedy at temperature 0, else sampled with top_k=0) or an API model through the teacher
+backends (the teacher "continues" an empty answer, so the same wire protocols are used as in
+training). ``n`` samples per problem give pass@k with the unbiased estimator for every k <= n;
+greedy decoding allows only n = 1.
+
+Every number in the summary carries a 95% interval: a Wilson interval for proportions over problems
+(accuracy, pass@1 with one sample, format rates), and a normal interval over problems for means
+(pass@k with several samples, lengths).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from omniopd.data import Example
-from omniopd.evaluation.mathgrade import answers_match, extract_answer, wilson_interval
-from omniopd.prompts import student_messages
+from omniopd.data import Example, load_examples
+from omniopd.errors import ConfigError
+from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
+from omniopd.prompts import CODE_INSTRUCTION, student_messages
 from omniopd.rollout import chat_prompts, generate_texts
 
+CODE_BENCHMARKS = ("humaneval", "mbppplus")
 
-def evaluate_math(
-    model,
-    tokenizer,
-    examples: list[Example],
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str  # what the model is asked (before the instruction)
+    instruction: str | None  # None: the math answer format
+    gold: str | None = None  # math: the final answer
+    task: object | None = None  # code: the CodeTask
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: int  # generated tokens (0 when unknown, e.g. API without usage)
+    finished: bool  # ended by the model, not by the length limit
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, problems: list[Problem], *, n: int, max_new_tokens: int, temperature: float,
+                 batch_size: int, desc: str, show_progress: bool) -> list[list[Sample]]: ...
+
+
+class HFGenerator:
+    """A local Hugging Face model (HF id, directory, .gguf, packaged name, a run's final/ or checkpoint)."""
+
+    def __init__(self, model, tokenizer, name: str = "model"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+
+    def generate(self, problems, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
+        prompts = chat_prompts(self.tokenizer, [student_messages(p.question, p.instruction) for p in problems])
+        with tqdm(total=len(prompts), desc=desc, unit="problem", disable=not show_progress, leave=False) as bar:
+            responses, finished = generate_texts(
+                self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                n=n, batch_size=batch_size, progress=bar,
+            )
+        samples = [
+            Sample(self.tokenizer.decode(r, skip_special_tokens=True), len(r), f) for r, f in zip(responses, finished, strict=True)
+        ]
+        return [samples[i * n : (i + 1) * n] for i in range(len(problems))]
+
+
+class TeacherGenerator:
+    """An API (or any) teacher backend answering from an empty prefix."""
+
+    def __init__(self, teacher):
+        self.teacher, self.name = teacher, teacher.name
+
+    def generate(self, problems, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
+        from omniopd.teachers.base import ContinuationRequest, SamplingSpec
+
+        reqs = [ContinuationRequest(question=p.question, prefix="", trajectory=i, instruction=p.instruction) for i, p in enumerate(problems)]
+        results = self.teacher.continue_prefixes(reqs, SamplingSpec(n=n, max_new_tokens=max_new_tokens, temperature=temperature))
+        out = []
+        for res in results:
+            texts = res.texts if res.ok else []
+            texts = texts + [""] * (n - len(texts))  # a failed request is a wrong answer, counted, not dropped
+            out.append([Sample(t, 0, True) for t in texts[:n]])
+        return out
+
+
+def load_problems(benchmark: str, limit: int | None = None, question_field: str | None = None,
+                  answer_field: str | None = None) -> list[Problem]:
+    if benchmark.lower() in CODE_BENCHMARKS:
+        from omniopd.evaluation.code import load_code_tasks
+
+        tasks = load_code_tasks(benchmark.lower(), limit=limit)
+        return [Problem(t.task_id, f"{t.prompt.strip()}", CODE_INSTRUCTION, task=t) for t in tasks]
+    examples: list[Example] = load_examples(benchmark, limit=limit, question_field=question_field, answer_field=answer_field)
+    return [Problem(ex.id, ex.question, None, gold=ex.answer) for ex in examples]
+
+
+def _mean_ci(values: list[float]) -> list[float]:
+    if not values:
+        return [0.0, 0.0]
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return [m, m]
+    half = 1.959964 * statistics.stdev(values) / math.sqrt(len(values))
+    return [m - half, m + half]
+
+
+def _rate(count: int, n: int) -> dict:
+    lo, hi = wilson_interval(count, n)
+    return {"value": count / n if n else 0.0, "ci95": [lo, hi]}
+
+
+def evaluate(
+    generator: Generator,
+    benchmark: str,
     *,
+    limit: int | None = None,
+    n: int = 1,
+    ks: tuple[int, ...] = (1,),
+    temperature: float = 0.0,
     max_new_tokens: int = 256,
     batch_size: int = 16,
-    temperature: float = 0.0,
+    extraction: tuple[str, ...] = EXTRACTION_RULES,
+    question_field: str | None = None,
+    answer_field: str | None = None,
     records_path: str | Path | None = None,
-    desc: str = "eval",
     show_progress: bool = True,
+    grade_workers: int | None = None,
 ) -> dict:
+    """Generate ``n`` answers per problem, grade, and return the summary (records go to ``records_path``)."""
+    if n < 1 or any(k < 1 or k > n for k in ks):
+        raise ConfigError(f"pass@k needs 1 <= k <= n (got n={n}, k={list(ks)})")
+    if temperature == 0 and n > 1:
+        raise ConfigError("greedy decoding (temperature 0) gives n identical samples: use a temperature > 0 for n > 1")
+    unknown = [r for r in extraction if r not in EXTRACTION_RULES]
+    if unknown:
+        raise ConfigError(f"unknown extraction rule {unknown[0]!r}: use {', '.join(EXTRACTION_RULES)}")
     t0 = time.perf_counter()
-    prompts = chat_prompts(tokenizer, [student_messages(ex.question) for ex in examples])
-    with tqdm(total=len(prompts), desc=desc, unit="problem", disable=not show_progress, leave=False) as bar:
-        responses, finished = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            batch_size=batch_size, progress=bar,
-        )
-    records, correct, unparsed = [], 0, 0
-    for ex, resp, done in zip(examples, responses, finished, strict=True):
-        text = tokenizer.decode(resp, skip_special_tokens=True)
-        ext = extract_answer(text)
-        ok = answers_match(ex.answer, ext.answer)
-        correct += ok
-        unparsed += ext.answer is None
-        records.append({
-            "id": ex.id, "question": ex.question, "output": text, "gold": ex.answer, "extracted": ext.answer,
-            "rule": ext.rule, "correct": ok, "finished": done, "tokens": len(resp),
-        })
-    n = len(examples)
-    lo, hi = wilson_interval(correct, n)
-    summary = {
-        "accuracy": correct / n if n else 0.0,
-        "ci95": [lo, hi],
-        "n": n,
-        "correct": correct,
-        "answers_unparsed": unparsed / n if n else 0.0,
-        "answers_with_hash": sum(r["rule"] == "hash" for r in records) / n if n else 0.0,
-        "truncated_frac": sum(not r["finished"] for r in records) / n if n else 0.0,
-        "mean_tokens": sum(r["tokens"] for r in records) / n if n else 0.0,
-        "decoding": "greedy" if temperature == 0 else f"sampled(temperature={temperature})",
-        "max_new_tokens": max_new_tokens,
-        "seconds": time.perf_counter() - t0,
-    }
+    problems = load_problems(benchmark, limit, question_field, answer_field)
+    samples = generator.generate(problems, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 batch_size=batch_size, desc=f"eval {benchmark}", show_progress=show_progress)
+    t_gen = time.perf_counter() - t0
+    is_code = benchmark.lower() in CODE_BENCHMARKS
+    records: list[dict] = []
+    if is_code:
+        from omniopd.evaluation.code import grade_many
+
+        pairs = [(p.task, s.text) for p, ss in zip(problems, samples, strict=True) for s in ss]
+        grades = iter(grade_many(benchmark.lower(), pairs, max_workers=grade_workers))
+        for p, ss in zip(problems, samples, strict=True):
+            for j, s in enumerate(ss):
+                g = next(grades)
+                records.append({"id": p.id, "sample": j, "question": p.question, "output": s.text, "code": g.code,
+                                "correct": g.passed, "status": g.status, "detail": g.detail[:500],
+                                "base_passed": g.base_passed, "tokens": s.tokens, "finished": s.finished, "grade_s": g.seconds})
+    else:
+        for p, ss in zip(problems, samples, strict=True):
+            for j, s in enumerate(ss):
+                ext = extract_answer(s.text, extraction)
+                records.append({"id": p.id, "sample": j, "question": p.question, "output": s.text, "gold": p.gold,
+                                "extracted": ext.answer, "rule": ext.rule, "correct": answers_match(p.gold or "", ext.answer),
+                                "tokens": s.tokens, "finished": s.finished})
+    summary = summarise(records, len(problems), n, ks, is_code)
+    summary.update({
+        "benchmark": benchmark, "model": generator.name, "decoding": "greedy" if temperature == 0 else f"sampled(temperature={temperature}, top_p=1, top_k=0)",
+        "max_new_tokens": max_new_tokens, "samples_per_problem": n, "extraction": None if is_code else list(extraction),
+        "generate_s": t_gen, "seconds": time.perf_counter() - t0,
+    })
     if records_path is not None:
         path = Path(records_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,3 +186,51 @@ def evaluate_math(
             for r in records:
                 fh.write(json.dumps(r) + "\n")
     return summary
+
+
+def summarise(records: list[dict], num_problems: int, n: int, ks: tuple[int, ...], is_code: bool) -> dict:
+    from omniopd.evaluation.code import pass_at_k
+
+    by_problem: dict[str, list[dict]] = {}
+    for r in records:
+        by_problem.setdefault(r["id"], []).append(r)
+    correct_counts = [sum(r["correct"] for r in rs) for rs in by_problem.values()]
+    first_correct = sum(rs[0]["correct"] for rs in by_problem.values())
+    P = len(by_problem)
+    summary: dict = {"n": P}
+    lo, hi = wilson_interval(first_correct, P) if n == 1 else (0.0, 0.0)
+    for k in ks:
+        per = [pass_at_k(n, c, k) for c in correct_counts]
+        value = statistics.fmean(per) if per else 0.0
+        ci = [lo, hi] if n == 1 else _mean_ci(per)
+        summary[f"pass@{k}"] = value
+        summary[f"pass@{k}_ci95"] = ci
+    summary["accuracy"] = summary["pass@1"] if 1 in ks else statistics.fmean(c / n for c in correct_counts)
+    summary["ci95"] = summary.get("pass@1_ci95", _mean_ci([c / n for c in correct_counts]))
+    summary["correct"] = sum(correct_counts)
+    total = len(records)
+    summary["truncated"] = _rate(sum(not r["finished"] for r in records), total)
+    summary["truncated_frac"] = summary["truncated"]["value"]
+    lengths = [float(r["tokens"]) for r in records]
+    summary["mean_tokens"] = statistics.fmean(lengths) if lengths else 0.0
+    summary["mean_tokens_ci95"] = _mean_ci(lengths)
+    if is_code:
+        base = [r for r in records if r.get("base_passed") is not None]
+        if base:
+            summary["base_pass@1"] = _rate(sum(r["base_passed"] for r in base), len(base))
+        summary["status_counts"] = {s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})}
+    else:
+        unparsed = sum(r["extracted"] is None for r in records)
+        summary["answers_unparsed"] = unparsed / total if total else 0.0
+        summary["answers_unparsed_ci95"] = list(wilson_interval(unparsed, total))
+        summary["extraction_rule_counts"] = {str(k): sum(r["rule"] == k for r in records) for k in (*EXTRACTION_RULES, None)}
+        summary["answers_with_hash"] = summary["extraction_rule_counts"]["hash"] / total if total else 0.0
+    return summary
+
+
+def evaluate_model(model, tokenizer, benchmark: str = "gsm8k-dev", *, limit: int | None = None,
+                   max_new_tokens: int = 256, batch_size: int = 16, temperature: float = 0.0,
+                   records_path: str | Path | None = None, show_progress: bool = True) -> dict:
+    """Single-sample evaluation of a local model on any benchmark (what the trainer uses)."""
+    return evaluate(HFGenerator(model, tokenizer), benchmark, limit=limit, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, temperature=temperature, records_path=records_path, show_progress=show_progress)

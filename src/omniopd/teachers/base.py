@@ -25,6 +25,7 @@ class ContinuationRequest:
     prefix: str  # the student's partial answer y_<t, decoded text; the teacher continues it
     reference: str | None = None  # privileged information; only privileged teachers use it
     trajectory: int = 0  # requests with the same trajectory have nested prefixes
+    instruction: str | None = None  # the answer-format instruction after the question; None: math default
 
 
 @dataclass(frozen=True)

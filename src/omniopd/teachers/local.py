@@ -48,7 +48,11 @@ class LocalTeacher(Teacher):
 
     def prompt_text(self, req: ContinuationRequest) -> str:
         """Exactly what the teacher model reads: its chat template, then the student's prefix verbatim."""
-        msgs = privileged_messages(req.question, req.reference) if self.privileged else student_messages(req.question)
+        msgs = (
+            privileged_messages(req.question, req.reference, req.instruction)
+            if self.privileged
+            else student_messages(req.question, req.instruction)
+        )
         head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return head + req.prefix
 

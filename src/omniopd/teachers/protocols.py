@@ -78,8 +78,8 @@ WORDS_PER_TOKEN = 0.75
 def task_messages(request: ContinuationRequest, privileged: bool = False) -> list[dict[str, str]]:
     """The task as chat messages: the student's prompt, plus the reference for a privileged teacher."""
     if privileged and request.reference:
-        return privileged_messages(request.question, request.reference)
-    return student_messages(request.question)
+        return privileged_messages(request.question, request.reference, request.instruction)
+    return student_messages(request.question, request.instruction)
 
 
 def task_text(request: ContinuationRequest, privileged: bool = False) -> str:
