@@ -180,3 +180,34 @@ def test_chat_teacher_gets_n_texts_from_transformers_serve(served: dict[str, Any
         metrics = teacher.metrics()
     assert results[0].error is None and len(results[0].texts) == 2
     assert metrics["teacher/failed_requests"] == 0 and metrics["teacher/requests"] == 2
+
+
+@pytest.mark.parametrize("teacher_type", ["openai-completions", "openai-chat"])
+def test_omniopd_step_through_a_real_server(served: dict[str, Any], tmp_path: Path, teacher_type: str) -> None:
+    """One OmniOPD training step whose teacher is the real server, through the official openai client.
+    The student is the served tiny model itself (it has the real SmolLM2 tokenizer)."""
+    from omniopd.config import build_config
+    from omniopd.trainer import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}) for i in range(1, 5)) + "\n")
+    out = tmp_path / "run"
+    cfg = build_config({
+        "output_dir": str(out), "max_steps": 1,
+        "student": {"name": served["model"]},
+        "teacher": {"type": teacher_type, "model": served["model"], "base_url": served["url"] + "/v1",
+                    "api_key_env": NO_KEY_ENV, "tokenizer": served["model"], "cache": False,
+                    "max_concurrency": 4, "timeout_s": 60.0},
+        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 2},
+        "rollout": {"samples_per_prompt": 1, "max_new_tokens": 12, "batch_size": 4},
+        "optim": {"prompts_per_step": 2, "micro_batch_size": 2, "lr": 1e-3},
+        "data": {"train": str(data)},
+        "eval": {"before": False, "after": False},
+    })
+    train(cfg, progress=False)
+    [row] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["audit/chunks"] > 0 and row["teacher/failed_chunks"] == 0
+    assert row["teacher/total_requests"] >= row["audit/chunks"]  # real HTTP requests (topped up to N)
+    audits = [json.loads(x) for x in (out / "audits.jsonl").read_text().splitlines()]
+    assert audits[0]["teacher"].startswith(teacher_type)
+    assert all(len(c["continuations"]) == 2 for a in audits for c in a["chunks"])
