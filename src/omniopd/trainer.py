@@ -2,8 +2,9 @@
 
     sample -> audit (entropy, anchors, teacher, phi, target) -> loss/backward -> step -> log -> eval/save
 
-Each phase is a named function; the method is picked from ``METHODS`` (a dict of functions), so the
-baselines of later issues plug in without an if/elif ladder here. The reference model for the KL
+Each phase is a named function; the method is picked from ``METHODS`` (a dict of
+:class:`~omniopd.methods.Method`: which sample, audit and backward functions fill the step), so the
+baselines (SFT, OPD, GRPO in ``omniopd.methods``) plug in without an if/elif ladder here. The reference model for the KL
 anchor is a frozen copy of the initial student; a local teacher on the same base model shares it.
 
 Distribution: the loop runs on ``accelerate`` (device placement, backward, clipping). Multi-process
@@ -19,7 +20,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,7 @@ from omniopd.config import RunConfig, dump_config
 from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
 from omniopd.data import Example, load_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
+from omniopd.methods import BASELINES, Method, NoTeacher, omniopd_prepare
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
@@ -83,8 +84,10 @@ class TrainState:
     scheduler: object
     stream: PromptStream
     out_dir: Path
+    loggers: object = None
     step: int = 0
     totals: dict[str, float] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +113,9 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     ref_model = copy.deepcopy(model).eval()
     for p in ref_model.parameters():
         p.requires_grad_(False)
-    teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer)
+    method = METHODS[cfg.method]
+    teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
+    teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -124,13 +129,19 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
-    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir)
+    from omniopd.loggers import MetricLoggers
+
+    loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name)
+    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir, loggers)
     if resume_from is None:
         for name in ("metrics.jsonl", "audits.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
-        preflight(state, train_examples)
+        if teacher_role == "text":
+            preflight(state, train_examples)
     else:
         restore(state, resume_from)
+    if method.prepare is not None:
+        method.prepare(state)
     return state
 
 
@@ -234,7 +245,7 @@ def omniopd_backward(state: TrainState, batch: SequenceBatch, audit: AuditResult
         sub = batch.select(idx)
         T = sub.response_ids.shape[1]
         weights, chunk_mask = token_weights_from_chunks(
-            [audit.starts_B[j] for j in idx], [audit.targets_B[j] for j in idx], cfg.audit.chunk_tokens, T
+            [audit.starts_B[j] for j in idx], [audit.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
         )
         hidden, head = response_hidden(state.model, sub)
         with torch.no_grad():
@@ -266,8 +277,9 @@ def omniopd_backward(state: TrainState, batch: SequenceBatch, audit: AuditResult
     }
 
 
-METHODS: dict[str, Callable[[TrainState, SequenceBatch, AuditResult], dict[str, float]]] = {
-    "omniopd": omniopd_backward,
+METHODS: dict[str, Method] = {
+    "omniopd": Method(backward=omniopd_backward, prepare=omniopd_prepare),  # sample_phase, audit_phase
+    **BASELINES,  # sft, opd, grpo
 }
 
 
@@ -281,8 +293,7 @@ def optimizer_phase(state: TrainState) -> dict[str, float]:
 
 
 def log_phase(state: TrainState, metrics: dict[str, float], audit: AuditResult) -> None:
-    with (state.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": state.step, **metrics}) + "\n")
+    state.loggers.log(state.step, metrics)
     if audit.records:
         with (state.out_dir / "audits.jsonl").open("a", encoding="utf-8") as fh:
             for rec in audit.records:
@@ -291,13 +302,14 @@ def log_phase(state: TrainState, metrics: dict[str, float], audit: AuditResult) 
 
 def train_step(state: TrainState) -> dict[str, float]:
     t_step = time.perf_counter()
+    method = METHODS[state.cfg.method]
     examples = state.stream.next_batch()
     t0 = time.perf_counter()
-    rollouts = sample_phase(state, examples)
+    rollouts = (method.sample or sample_phase)(state, examples)
     t_rollout = time.perf_counter() - t0
-    audit = audit_phase(state, rollouts, examples)
+    audit = (method.audit or audit_phase)(state, rollouts, examples)
     t0 = time.perf_counter()
-    loss_metrics = METHODS[state.cfg.method](state, rollouts.batch, audit)
+    loss_metrics = method.backward(state, rollouts.batch, audit)
     t_loss = time.perf_counter() - t0
     t0 = time.perf_counter()
     optim_metrics = optimizer_phase(state)
@@ -305,9 +317,10 @@ def train_step(state: TrainState) -> dict[str, float]:
     state.step += 1
     lengths = rollouts.lengths
     for key in ("teacher/tokens", "teacher/requests"):
-        state.totals[key] = state.totals.get(key, 0.0) + audit.metrics[key]
-    state.totals["chunks"] = state.totals.get("chunks", 0.0) + audit.metrics["audit/chunks"]
-    state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + audit.metrics["audit/k_sem_mean"] * audit.metrics["audit/chunks"]
+        state.totals[key] = state.totals.get(key, 0.0) + audit.metrics.get(key, 0.0)
+    if "audit/chunks" in audit.metrics:  # OmniOPD only
+        state.totals["chunks"] = state.totals.get("chunks", 0.0) + audit.metrics["audit/chunks"]
+        state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + audit.metrics["audit/k_sem_mean"] * audit.metrics["audit/chunks"]
     # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*
     backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
     metrics = {
@@ -315,10 +328,12 @@ def train_step(state: TrainState) -> dict[str, float]:
         **audit.metrics,
         **optim_metrics,
         **backend,
-        "rollout/mean_length": sum(lengths) / len(lengths),
-        "rollout/max_length": float(max(lengths)),
-        "rollout/truncated_frac": rollouts.truncated_frac,
-        "rollout/trajectories": float(len(lengths)),
+        **({  # the student's own samples; SFT trains on targets and logs sft/* about them instead
+            "rollout/mean_length": sum(lengths) / len(lengths),
+            "rollout/max_length": float(max(lengths)),
+            "rollout/truncated_frac": rollouts.truncated_frac,
+            "rollout/trajectories": float(len(lengths)),
+        } if method.on_policy else {}),
         "teacher/tokens_total": state.totals["teacher/tokens"],
         "time/rollout_s": t_rollout,
         "time/loss_backward_s": t_loss,
@@ -417,6 +432,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
             bar.update(1)
     state.teacher.close()
+    state.loggers.close()
     if not list_checkpoints(state.out_dir) or load_trainer_state(list_checkpoints(state.out_dir)[-1])["step"] != state.step:
         checkpoint(state)
     final = save_final(state)
