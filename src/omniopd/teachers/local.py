@@ -21,8 +21,8 @@ from transformers import DynamicCache, GenerationConfig
 
 from omniopd.alignment import position_ids
 from omniopd.models import eos_token_ids, load_model
-from omniopd.prompts import privileged_messages, student_messages
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
+from omniopd.teachers.protocols import completion_prompt
 
 
 class LocalTeacher(Teacher):
@@ -47,14 +47,13 @@ class LocalTeacher(Teacher):
         return cls(model, tokenizer, name, privileged, batch_size, reuse_prefix)
 
     def prompt_text(self, req: ContinuationRequest) -> str:
-        """Exactly what the teacher model reads: its chat template, then the student's prefix verbatim."""
-        msgs = (
-            privileged_messages(req.question, req.reference, req.instruction)
-            if self.privileged
-            else student_messages(req.question, req.instruction)
-        )
-        head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return head + req.prefix
+        """Exactly what the teacher model reads: its chat template (a plain "Question/Answer" frame for a
+        base model without one, after its BOS), then the student's prefix verbatim -- the completion
+        protocol of ``teachers.protocols``, the same text an OpenAI-compatible server would get."""
+        text = completion_prompt(req, privileged=self.privileged, tokenizer=self.tokenizer, strip_bos=False)
+        if getattr(self.tokenizer, "chat_template", None) is None and self.tokenizer.bos_token:
+            text = self.tokenizer.bos_token + text
+        return text
 
     @torch.no_grad()
     def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
