@@ -93,7 +93,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 def run_audit(
     *,
-    step: int,
+    step: int,  # the optimizer step this audit feeds, 1-based like metrics.jsonl
     model,
     tokenizer,
     batch: SequenceBatch,

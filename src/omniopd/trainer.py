@@ -4,8 +4,9 @@
 
 Each phase is a named function; the method is picked from ``METHODS`` (a dict of
 :class:`~omniopd.methods.Method`: which sample, audit and backward functions fill the step), so the
-baselines (SFT, OPD, GRPO in ``omniopd.methods``) plug in without an if/elif ladder here. The reference model for the KL
-anchor is a frozen copy of the initial student; a local teacher on the same base model shares it.
+baselines (SFT, OPD, GRPO in ``omniopd.methods``) plug in without an if/elif ladder here. The
+reference model for the KL anchor is a frozen copy of the initial student; a local teacher on the same
+base model shares it.
 
 Distribution: the loop runs on ``accelerate`` (device placement, backward, clipping). Multi-process
 data parallelism needs the forward to go through the wrapped module and metrics to be reduced; that is
@@ -227,7 +228,7 @@ def sample_phase(state: TrainState, examples: list[Example]) -> Rollouts:
 def audit_phase(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
     cfg = state.cfg
     return run_audit(
-        step=state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
+        step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
         batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
         teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher, seed=cfg.seed,
         micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
