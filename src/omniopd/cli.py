@@ -55,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots and an HTML audit viewer for a run directory")
     r.add_argument("run_dir")
+
+    m = sub.add_parser("compare", help="train the recipe's compare.variants on the same budget and compare them on the same dev slice")
+    m.add_argument("recipe", help="a recipe YAML with a compare: section")
+    m.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
+    m.add_argument("--rerun", action="store_true",
+                   help="train every arm again even if a finished run with the same config exists (unchanged models keep their measurements)")
+    m.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("check-signal", help="k_sem of the teacher vs shuffled and no-privilege controls on real rollouts")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--steps", type=int, default=2, help="batches of student rollouts to audit (default 2)")
+    s.add_argument("--phi", action="append", default=None, help="phi to score with (repeatable; default: audit.phi)")
+    s.add_argument("--output", default=None, help="also write the report as JSON")
     return p
 
 
@@ -166,7 +180,38 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "check-teacher": _cmd_check_teacher, "report": _cmd_report}
+def _cmd_compare(args) -> int:
+    from omniopd.compare import format_compare, run_compare
+
+    result = run_compare(args.recipe, args.overrides, rerun=args.rerun, progress=not args.no_progress)
+    print(format_compare(result))
+    return 0
+
+
+def _cmd_check_signal(args) -> int:
+    from omniopd.config import load_config
+    from omniopd.errors import ConfigError
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1 (got {args.steps})")
+    cfg = load_config(args.recipe, args.overrides)
+    known = ("ned", "rouge1", "embedding")
+    for name in args.phi or []:
+        if name not in known:
+            raise ConfigError(f"--phi: unknown phi '{name}' (known: {', '.join(known)})")
+    from omniopd.signal_check import check_signal, format_signal
+
+    report = check_signal(cfg, steps=args.steps, phis=args.phi)
+    print(format_signal(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train, "eval": _cmd_eval, "check-teacher": _cmd_check_teacher, "report": _cmd_report,
+    "compare": _cmd_compare, "check-signal": _cmd_check_signal,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

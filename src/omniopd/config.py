@@ -140,8 +140,6 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
 
 
-METHOD_NAMES = ("omniopd", "sft", "opd", "grpo")
-
 # The one-line refusals of method=opd (ALGORITHM.md "Baselines": white-box OPD needs the teacher's
 # log-probabilities of the student's own tokens, so a text-only API teacher or another tokenizer cannot serve).
 OPD_TEACHER_TYPE_ERROR = (
@@ -209,6 +207,7 @@ class CompareConfig(_Section):
     loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
     signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
     bootstrap_samples: int = Field(2000, ge=100)  # for the intervals of token-weighted means
+    keep_checkpoints: bool = False  # False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)
 
 
 class RunConfig(_Section):
@@ -301,8 +300,18 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(_format_error(err)) from None
 
 
+def _merged(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = _merged(out.get(k), v)
+        return out
+    return new
+
+
 def set_dotted(data: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` with ``{"a.b.c": value}`` entries set (the mapping form of ``key=value`` overrides)."""
+    """A copy of ``data`` with ``{"a.b.c": value}`` entries set (the mapping form of ``key=value``
+    overrides); a mapping value is merged into the section it lands on, never replaces it whole."""
     out = dict(data)
     for key, value in mapping.items():
         path = str(key).split(".")
@@ -314,7 +323,7 @@ def set_dotted(data: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[path[-1]] = value
+        node[path[-1]] = _merged(node.get(path[-1]), value)
     return out
 
 

@@ -1,0 +1,220 @@
+"""Does k_sem carry teacher information? ``omniopd check-signal RECIPE.yaml`` (ALGORITHM.md "Signal check").
+
+On real rollouts of the (untrained) student -- ``steps`` batches of the recipe's prompt stream, audited
+exactly as training would (same anchors, C, N, teacher sampling) -- it compares, chunk by chunk:
+
+- **teacher**: k_sem of the configured teacher's N continuations against the student's chunk;
+- **shuffled** control: the *same* continuations scored against a chunk from another trajectory
+  (the next chunk in step order that belongs to a different trajectory). What the teacher wrote for
+  this prefix should match this chunk better than an unrelated one; if it does not, k_sem measures how
+  formulaic chunks are, not what the teacher knows;
+- **no privilege** control (privileged teachers only): the same model without the reference solution
+  (``teacher.type: local`` on the same model; for an API teacher ``teacher.privileged: false``), with the
+  same anchors and the same random seeds (common random numbers: a model whose next-token distribution
+  hardly depends on the prompt, like a tiny random one, then writes the very same continuations); plus
+  the Pearson correlation of the two k_sem per chunk.
+
+Each mean comes with its standard error (sd / sqrt(#chunks)); the comparisons use paired per-chunk
+differences. Verdict: when teacher minus shuffled is within 2 standard errors (or below), the report says
+in plain words that this teacher/phi pair carries no teacher information. The teacher's continuations
+are drawn once and scored with every phi asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import mean
+
+import torch
+
+from omniopd.audit import phi_by_name, run_audit
+from omniopd.config import RunConfig, build_config
+from omniopd.data import load_examples
+from omniopd.errors import ConfigError
+from omniopd.models import load_model
+from omniopd.prompts import student_messages
+from omniopd.rollout import chat_prompts, sample_rollouts
+from omniopd.teachers import build_teacher
+
+
+def _mean_se(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    m = mean(xs)
+    if len(xs) < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def _pearson(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ma, mb = mean(a), mean(b)
+    sa = math.sqrt(sum((x - ma) ** 2 for x in a))
+    sb = math.sqrt(sum((y - mb) ** 2 for y in b))
+    if sa == 0 or sb == 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / (sa * sb)
+
+
+def _control_teacher(cfg: RunConfig, teacher):
+    """The same teacher without its privileged context, or None when the teacher has none."""
+    if cfg.teacher.type == "privileged":
+        from omniopd.teachers.local import LocalTeacher
+
+        t = cfg.teacher
+        return LocalTeacher(teacher.model, teacher.tokenizer, t.model or cfg.student.name, privileged=False,
+                            batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
+    if cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
+        data = cfg.model_dump(mode="json")
+        data["teacher"]["privileged"] = False
+        return build_teacher(build_config(data))
+    return None
+
+
+def _chunks(audit, step: int) -> list[dict]:
+    out = []
+    for rec in audit.records:
+        for ch in rec["chunks"]:
+            out.append({"key": (step, rec["trajectory"], ch["start"]), "student": ch["student_text"], "continuations": ch["continuations"]})
+    return out
+
+
+def _shuffled_partner(keys: list[tuple[int, int, int]]) -> list[int | None]:
+    """For chunk j, the next chunk (cyclically) from another trajectory; None if there is none."""
+    n = len(keys)
+    out: list[int | None] = []
+    for j in range(n):
+        partner = next((k % n for k in range(j + 1, j + n) if keys[k % n][:2] != keys[j][:2]), None)
+        out.append(partner)
+    return out
+
+
+def _verdict(phi: str, N: int, r: dict, privileged: bool) -> list[str]:
+    lines = []
+    d, se = r["teacher_minus_shuffled"], r["teacher_minus_shuffled_se"]
+    if d is None or se is None:
+        lines.append(f"phi={phi}: too few audited chunks ({r['chunks']}) from more than one trajectory to judge; run more steps")
+    elif d <= 2 * se:
+        lines.append(
+            f"phi={phi}: this teacher/phi pair carries no teacher information: k_sem with the teacher's continuations "
+            f"({r['teacher_k_sem']:.3f} of N={N}) does not beat the same continuations scored against another trajectory's "
+            f"chunk ({r['shuffled_k_sem']:.3f}); the difference {d:+.3f} is not larger than 2 standard errors ({2 * se:.3f}). "
+            "Here k_sem measures how formulaic a chunk is, not what the teacher knows."
+        )
+    else:
+        lines.append(
+            f"phi={phi}: the teacher's k_sem ({r['teacher_k_sem']:.3f} of N={N}) beats the shuffled control "
+            f"({r['shuffled_k_sem']:.3f}) by {d:+.3f} (more than 2 standard errors, {2 * se:.3f}): the continuations "
+            "carry information about the chunk they were written for."
+        )
+    if privileged:
+        d2, se2 = r["teacher_minus_no_privilege"], r["teacher_minus_no_privilege_se"]
+        corr = "n/a" if r["pearson_teacher_no_privilege"] is None else f"{r['pearson_teacher_no_privilege']:.2f}"
+        if d2 is None or se2 is None:
+            lines.append(f"phi={phi}: too few chunks to compare with the teacher without its privileged context")
+        elif abs(d2) <= 2 * se2:
+            lines.append(
+                f"phi={phi}: the privileged context adds nothing measurable: without the reference solution the same model "
+                f"scores {r['no_privilege_k_sem']:.3f} (difference {d2:+.3f}, 2 standard errors {2 * se2:.3f}; per-chunk "
+                f"correlation {corr})."
+            )
+        else:
+            lines.append(
+                f"phi={phi}: the privileged context changes k_sem by {d2:+.3f} (2 standard errors {2 * se2:.3f}; without it "
+                f"{r['no_privilege_k_sem']:.3f}; per-chunk correlation {corr})."
+            )
+    return lines
+
+
+def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = None) -> dict:
+    """k_sem of the teacher vs the shuffled and no-privilege controls, for every phi in ``phis``."""
+    if steps < 1:
+        raise ConfigError(f"check-signal: steps must be >= 1 (got {steps})")
+    phis = list(dict.fromkeys(phis or [cfg.audit.phi]))
+    resolved = {name: phi_by_name(name) for name in phis}  # fail early (e.g. a missing embedding model)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.student.name, cfg.student.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    teacher = build_teacher(cfg, student=model, student_tokenizer=tok)
+    control = _control_teacher(cfg, teacher)
+    from omniopd.trainer import PromptStream
+
+    stream = PromptStream(load_examples(cfg.data.train), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    audit_cfg = cfg.audit.model_copy(update={"phi": "ned"})  # scoring is redone below for each phi
+    chunks: list[dict] = []
+    ctrl_by_key: dict[tuple, list[str]] = {}
+    r = cfg.rollout
+    try:
+        for step in range(steps):
+            examples = stream.next_batch()
+            prompts = chat_prompts(tok, [student_messages(ex.question) for ex in examples])
+            ro = sample_rollouts(model, tok, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                                 temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size)
+            traj_examples = [examples[i] for i in ro.example_index]
+            common = dict(step=step, model=model, tokenizer=tok, batch=ro.batch, lengths=ro.lengths, examples=traj_examples,
+                          audit_cfg=audit_cfg, teacher_cfg=cfg.teacher, seed=cfg.seed,
+                          micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
+                          record_trajectories=len(ro.lengths))
+            chunks += _chunks(run_audit(teacher=teacher, **common), step)
+            if control is not None:
+                for ch in _chunks(run_audit(teacher=control, **common), step):
+                    ctrl_by_key[ch["key"]] = ch["continuations"]
+    finally:
+        teacher.close()
+        if control is not None:
+            control.close()
+
+    N = cfg.audit.teacher_samples
+    keys = [c["key"] for c in chunks]
+    partners = _shuffled_partner(keys)
+    results = {}
+    for name, (phi, prime) in resolved.items():
+        prime([t for c in chunks for t in (c["student"], *c["continuations"])] + [t for v in ctrl_by_key.values() for t in v])
+        k_t = [sum(phi(c["student"], x) for x in c["continuations"]) for c in chunks]
+        pairs = [(j, p) for j, p in enumerate(partners) if p is not None]
+        k_s = [sum(phi(chunks[p]["student"], x) for x in chunks[j]["continuations"]) for j, p in pairs]
+        d_s = [k_t[j] - ks for (j, _), ks in zip(pairs, k_s, strict=True)]
+        both = [j for j, c in enumerate(chunks) if c["key"] in ctrl_by_key]
+        k_np = [sum(phi(chunks[j]["student"], x) for x in ctrl_by_key[chunks[j]["key"]]) for j in both]
+        d_np = [k_t[j] - kn for j, kn in zip(both, k_np, strict=True)]
+        res = {"chunks": len(chunks)}
+        for label, xs in (("teacher_k_sem", k_t), ("shuffled_k_sem", k_s), ("no_privilege_k_sem", k_np),
+                          ("teacher_minus_shuffled", d_s), ("teacher_minus_no_privilege", d_np)):
+            res[label], res[label + "_se"] = _mean_se(xs)
+        res["pearson_teacher_no_privilege"] = _pearson([k_t[j] for j in both], k_np)
+        res["no_teacher_information"] = (
+            None if res["teacher_minus_shuffled"] is None or res["teacher_minus_shuffled_se"] is None
+            else res["teacher_minus_shuffled"] <= 2 * res["teacher_minus_shuffled_se"]
+        )
+        res["verdict"] = _verdict(name, N, res, control is not None)
+        results[name] = res
+    return {
+        "teacher": teacher.name,
+        "control_teacher": control.name if control is not None else None,
+        "steps": steps,
+        "trajectories": steps * cfg.optim.prompts_per_step * cfg.rollout.samples_per_prompt,
+        "chunk_tokens": cfg.audit.chunk_tokens,
+        "teacher_samples": N,
+        "phis": results,
+    }
+
+
+def format_signal(report: dict) -> str:
+    def f(x, se=None):
+        if x is None:
+            return "n/a"
+        return f"{x:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+    lines = [f"signal check: teacher {report['teacher']}, control {report['control_teacher'] or 'none (not a privileged teacher)'}, "
+             f"{report['trajectories']} trajectories, C={report['chunk_tokens']}, N={report['teacher_samples']} (k_sem mean ± standard error)"]
+    for name, r in report["phis"].items():
+        lines.append(
+            f"  phi={name}: chunks {r['chunks']}  teacher {f(r['teacher_k_sem'], r['teacher_k_sem_se'])}  "
+            f"shuffled {f(r['shuffled_k_sem'], r['shuffled_k_sem_se'])}  no-privilege {f(r['no_privilege_k_sem'], r['no_privilege_k_sem_se'])}  "
+            f"r(teacher, no-privilege) {f(r['pearson_teacher_no_privilege'])}"
+        )
+        lines += [f"  {v}" for v in r["verdict"]]
+    return "\n".join(lines)
