@@ -92,6 +92,7 @@ class AuditConfig(_Section):
     prior_strength: float = Field(1.0, ge=0.0)  # alpha
     anchors: Literal["peak_entropy", "random", "uniform"] = "peak_entropy"
     max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0)  # stop if a step loses more chunks
+    record_trajectories: int = Field(2, ge=0)  # trajectories per step written to audits.jsonl
     target: Literal["paper", "centered"] = "paper"  # centered: a departure (see above)
 
 

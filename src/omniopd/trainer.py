@@ -232,6 +232,7 @@ def audit_phase(state: TrainState, rollouts: Rollouts, examples: list[Example]) 
         batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
         teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher, seed=cfg.seed,
         micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
+        record_trajectories=cfg.audit.record_trajectories,
     )
 
 
@@ -353,7 +354,7 @@ def train_step(state: TrainState) -> dict[str, float]:
 # the run
 
 
-def run_eval(state: TrainState, tag: str, benchmark: str | None = None) -> dict:
+def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress: bool = True) -> dict:
     from omniopd.evaluation.runner import evaluate_model
 
     e = state.cfg.eval
@@ -361,7 +362,7 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None) -> dict:
     summary = evaluate_model(
         state.accelerator.unwrap_model(state.model), state.tokenizer, benchmark, limit=e.limit,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-        records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=False,
+        records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=progress,
     )
     summary["data"] = benchmark
     (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))
@@ -376,7 +377,7 @@ def eval_phase(state: TrainState) -> dict[str, float]:
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for bench in e.benchmarks or [e.data]:
-        s = run_eval(state, f"step{state.step:06d}_{bench.replace('/', '_')}", bench)
+        s = run_eval(state, f"step{state.step:06d}_{bench.replace('/', '_')}", bench, progress=False)
         metrics[f"eval/{bench}/accuracy"] = s["accuracy"]
         metrics[f"eval/{bench}/ci95_low"], metrics[f"eval/{bench}/ci95_high"] = s["ci95"]
         metrics[f"eval/{bench}/truncated_frac"] = s["truncated_frac"]
@@ -413,7 +414,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     state = setup(cfg, overwrite=overwrite)
     before_path = state.out_dir / "eval_before.json"
     if cfg.eval.before and not (state.step > 0 and before_path.exists()):
-        before = run_eval(state, "before")
+        before = run_eval(state, "before", progress=progress)
     else:
         before = json.loads(before_path.read_text()) if before_path.exists() else None
     keys = ("loss/total", "audit/k_sem_mean", "audit/target_mean", "loss/kl_anchor", "rollout/mean_length")
@@ -437,7 +438,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     if not list_checkpoints(state.out_dir) or load_trainer_state(list_checkpoints(state.out_dir)[-1])["step"] != state.step:
         checkpoint(state)
     final = save_final(state)
-    after = run_eval(state, "after") if cfg.eval.after else None
+    after = run_eval(state, "after", progress=progress) if cfg.eval.after else None
     summary = {
         "output_dir": str(state.out_dir),
         "final_model": str(final),
