@@ -280,16 +280,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``a.b.c=value`` override applied in order (see :func:`set_dotted`)."""
     out = dict(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[path[-1]] = value
+        out = set_dotted(out, {".".join(path): value})
     return out
 
 
