@@ -61,6 +61,34 @@ def split_gsm8k_answer(answer: str) -> tuple[str, str]:
     return final, answer.strip()
 
 
+def iter_json_rows(path: Path):
+    """(line number, JSON object) for each non-blank line of a .jsonl (or .jsonl.gz) file; any malformed
+    line raises :class:`DataError` naming the file and line."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {err.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                except (ValueError, RecursionError) as err:  # e.g. a 5000-digit integer, absurd nesting
+                    raise DataError(f"{path}:{lineno}: JSON value cannot be read ({type(err).__name__})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                yield lineno, row
+    except (OSError, EOFError) as err:  # unreadable or truncated (.gz) file
+        raise DataError(f"{path}: cannot be read ({err})") from None
+
+
 def load_examples(
     spec: str,
     limit: int | None = None,
@@ -83,46 +111,31 @@ def load_examples(
         raise DataError(f"dataset file not found: {path}")
     gsm8k_style = spec.startswith("gsm8k")
     examples: list[Example] = []
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+    for lineno, row in iter_json_rows(path):
+        q = row.get(qf)
+        if q is None and question_field is None:  # a user jsonl may call it either
+            q = row.get("problem", row.get("question"))
+        a = row.get(af)
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{path}:{lineno}: missing or empty text field '{qf}'")
+        if a is None or (isinstance(a, str) and not a.strip()):
+            raise DataError(f"{path}:{lineno}: missing or empty field '{af}'")
+        if isinstance(a, float) and not math.isfinite(a):
+            raise DataError(f"{path}:{lineno}: field '{af}' is {a}, not a finite number")
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if not isinstance(a, str):
+            raise DataError(f"{path}:{lineno}: field '{af}' must be text or a number, got {type(a).__name__}")
+        reference = row.get("solution") if isinstance(row.get("solution"), str) else None
+        if gsm8k_style or (reference is None and "####" in a):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            except (ValueError, RecursionError) as err:  # e.g. a 5000-digit integer, absurd nesting
-                raise DataError(f"{path}:{lineno}: JSON value cannot be read ({type(err).__name__})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            q = row.get(qf)
-            if q is None and question_field is None:  # a user jsonl may call it either
-                q = row.get("problem", row.get("question"))
-            a = row.get(af)
-            if not isinstance(q, str) or not q.strip():
-                raise DataError(f"{path}:{lineno}: missing or empty text field '{qf}'")
-            if a is None or (isinstance(a, str) and not a.strip()):
-                raise DataError(f"{path}:{lineno}: missing or empty field '{af}'")
-            if isinstance(a, float) and not math.isfinite(a):
-                raise DataError(f"{path}:{lineno}: field '{af}' is {a}, not a finite number")
-            if isinstance(a, (int, float)) and not isinstance(a, bool):
-                a = str(a)
-            if not isinstance(a, str):
-                raise DataError(f"{path}:{lineno}: field '{af}' must be text or a number, got {type(a).__name__}")
-            reference = row.get("solution") if isinstance(row.get("solution"), str) else None
-            if gsm8k_style or (reference is None and "####" in a):
-                try:
-                    a, reference = split_gsm8k_answer(a)
-                except ValueError as err:
-                    raise DataError(f"{path}:{lineno}: field '{af}': {err}") from None
-            ex_id = str(row.get("id", row.get("unique_id", row.get("task_id", f"{path.stem}-{lineno}"))))
-            examples.append(Example(id=ex_id, question=q.strip(), answer=a.strip(), reference=reference))
-            if limit is not None and len(examples) >= limit:
-                break
+                a, reference = split_gsm8k_answer(a)
+            except ValueError as err:
+                raise DataError(f"{path}:{lineno}: field '{af}': {err}") from None
+        ex_id = str(row.get("id", row.get("unique_id", row.get("task_id", f"{path.stem}-{lineno}"))))
+        examples.append(Example(id=ex_id, question=q.strip(), answer=a.strip(), reference=reference))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples

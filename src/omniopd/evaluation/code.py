@@ -33,7 +33,6 @@ measure honest code, not adversarial code.
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import math
 import re
@@ -43,6 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from omniopd.data import iter_json_rows
 from omniopd.errors import DataError
 from omniopd.evaluation.sandbox import (
     SandboxLimits,
@@ -155,29 +155,16 @@ def _load_cached(bench: str, file: str) -> tuple[CodeTask, ...]:
     path = Path(file)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    opener = gzip.open if path.name.endswith(".gz") else open
     tasks: list[CodeTask] = []
     seen: set[str] = set()
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                task = _humaneval_row(row) if bench == "humaneval" else _mbppplus_row(row)
-                if isinstance(task, str):
-                    raise DataError(f"{path}:{lineno}: {task}")
-                if task.task_id in seen:
-                    raise DataError(f"{path}:{lineno}: duplicate task_id '{task.task_id}'")
-                seen.add(task.task_id)
-                tasks.append(task)
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read ({err})") from None
+    for lineno, row in iter_json_rows(path):
+        task = _humaneval_row(row) if bench == "humaneval" else _mbppplus_row(row)
+        if isinstance(task, str):
+            raise DataError(f"{path}:{lineno}: {task}")
+        if task.task_id in seen:
+            raise DataError(f"{path}:{lineno}: duplicate task_id '{task.task_id}'")
+        seen.add(task.task_id)
+        tasks.append(task)
     if not tasks:
         raise DataError(f"{path}: no problems")
     return tuple(tasks)
