@@ -1,28 +1,27 @@
 """Measure: an API-teacher run killed mid-way and rerun pays only for what it had not paid (fake provider)."""
 #   usage: PYTHONPATH=src python scripts/cache_kill.py  (a tiny student; a local fake provider on 127.0.0.1)
-import json, os, signal, subprocess, sys, time, tempfile
-from pathlib import Path
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest
-from omniopd.testing.fake_providers import FakeProviderServer, Fault
-from omniopd.config import build_config, dump_config
+import json
+import signal
+import subprocess
+import sys
+import time
 
-tmp = Path(tempfile.mkdtemp())
-tok = conftest.char_tokenizer(); m = conftest.tiny_llama(vocab_size=len(tok)); m.save_pretrained(tmp / "m"); tok.save_pretrained(tmp / "m")
-rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"} for i in range(1, 40)]
-(tmp / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+from _tiny_setup import tiny_student_and_data
+
+from omniopd.config import build_config, dump_config
+from omniopd.testing.fake_providers import FakeProviderServer
+
+tmp, student, data, env = tiny_student_and_data()
 with FakeProviderServer(latency_s=0.05) as fake:
     def recipe(out, **teacher):
         cfg = build_config({
-            "output_dir": str(out), "max_steps": 6, "student": {"name": str(tmp / "m")},
+            "output_dir": str(out), "max_steps": 6, "student": {"name": str(student)},
             "teacher": {"type": "openai-completions", "model": "fake", "base_url": fake.url + "/v1", "api_key_env": "UNSET_KEY_X",
                         "cache_path": str(tmp / "cache.sqlite"), "price_input_per_mtok": 0.25, "price_output_per_mtok": 1.25, **teacher},
             "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
             "rollout": {"samples_per_prompt": 2, "max_new_tokens": 24, "batch_size": 8},
             "optim": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},
-            "data": {"train": str(tmp / "d.jsonl")}, "eval": {"before": False, "after": False},
+            "data": {"train": str(data)}, "eval": {"before": False, "after": False},
             "checkpoint": {"every_steps": 1, "keep_last": 2}})
         p = tmp / f"{out.name}.yaml"; p.write_text(dump_config(cfg)); return p
     out = tmp / "run"

@@ -1,30 +1,27 @@
 """Measure: a run against the fake provider with injected 429s, 500s and timeouts, and a cost-capped run."""
 #   usage: PYTHONPATH=src python scripts/fault_run.py   (a tiny student; a local fake provider on 127.0.0.1)
-import json, os, subprocess, sys, tempfile
-from pathlib import Path
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest
-from omniopd.testing.fake_providers import FakeProviderServer, Fault
-from omniopd.config import build_config, dump_config
+import json
+import subprocess
+import sys
 
-tmp = Path(tempfile.mkdtemp())
-tok = conftest.char_tokenizer(); m = conftest.tiny_llama(vocab_size=len(tok)); m.save_pretrained(tmp / "m"); tok.save_pretrained(tmp / "m")
-rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"} for i in range(1, 40)]
-(tmp / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+from _tiny_setup import tiny_student_and_data
+
+from omniopd.config import build_config, dump_config
+from omniopd.testing.fake_providers import FakeProviderServer, Fault
+
+tmp, student, data, env = tiny_student_and_data()
 route = "openai.completions"
 with FakeProviderServer() as fake:
     def recipe(out, steps, **teacher):
         cfg = build_config({
-            "output_dir": str(out), "max_steps": steps, "student": {"name": str(tmp / "m")},
+            "output_dir": str(out), "max_steps": steps, "student": {"name": str(student)},
             "teacher": {"type": "openai-completions", "model": "fake", "base_url": fake.url + "/v1", "api_key_env": "UNSET_KEY_X",
                         "cache": False, "timeout_s": 1.0, "max_retries": 2, "max_concurrency": 1,
                         "options": {"backoff_base_s": 0.05, "backoff_max_s": 0.5}, **teacher},
             "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3, "max_failed_chunk_frac": 0.5},
             "rollout": {"samples_per_prompt": 2, "max_new_tokens": 24, "batch_size": 8},
             "optim": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},
-            "data": {"train": str(tmp / "d.jsonl")}, "eval": {"before": False, "after": False}})
+            "data": {"train": str(data)}, "eval": {"before": False, "after": False}})
         p = tmp / f"{out.name}.yaml"; p.write_text(dump_config(cfg)); return p
     # 10 rate limits (Retry-After 0.2 s), 10 server errors, 4 responses slower than the 1 s timeout, and
     # 9 more 503s in a row: with 2 retries, some requests exhaust their retries and their chunks are dropped

@@ -177,29 +177,32 @@ def _text(row: dict, key: str, *, allow_empty: bool = False) -> str | None:
     return value
 
 
-def _humaneval_row(row: dict) -> CodeTask | str:
+def _required_fields(row: dict, keys: tuple[str, ...]) -> dict[str, Any] | str:
+    """The named text fields of a row (entry_point checked to be an identifier), or what is wrong."""
     fields: dict[str, Any] = {}
-    for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point"):
+    for key in keys:
         value = _text(row, key)
         if value is None:
             return f"missing or empty text field '{key}'"
         fields[key] = value
     if not fields["entry_point"].isidentifier():
         return f"entry_point '{fields['entry_point']}' is not a Python identifier"
+    return fields
+
+
+def _humaneval_row(row: dict) -> CodeTask | str:
+    fields = _required_fields(row, ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
+    if isinstance(fields, str):
+        return fields
     if "def check(" not in fields["test"]:
         return "field 'test' does not define check(candidate)"
     return CodeTask(benchmark="humaneval", **fields)
 
 
 def _mbppplus_row(row: dict) -> CodeTask | str:
-    fields: dict[str, Any] = {}
-    for key in ("task_id", "prompt", "canonical_solution", "entry_point"):
-        value = _text(row, key)
-        if value is None:
-            return f"missing or empty text field '{key}'"
-        fields[key] = value
-    if not fields["entry_point"].isidentifier():
-        return f"entry_point '{fields['entry_point']}' is not a Python identifier"
+    fields = _required_fields(row, ("task_id", "prompt", "canonical_solution", "entry_point"))
+    if isinstance(fields, str):
+        return fields
     if _task_number(fields["task_id"]) is None:
         return f"task_id '{fields['task_id']}' is not of the form 'Mbpp/<number>'"
     for key in ("base_input", "plus_input"):
