@@ -4,7 +4,7 @@
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,report,openai,anthropic,gemini,serve
+EXTRAS     ?= dev,report,lora,openai,anthropic,gemini,serve
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow report clean

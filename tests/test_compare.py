@@ -88,7 +88,7 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
         table = list(csv.DictReader(fh))
     cols = set(table[0])
     for col in ("variant", "method", "status", "departures", "lr", "rollout_temperature", "accuracy", "accuracy_lo", "accuracy_hi",
-                "diff_vs_base", "diff_lo", "diff_hi", "ref_loglik", "ref_loglik_lo", "ref_loglik_hi", "answered_stopped",
+                "diff_vs_base", "diff_lo", "diff_hi", "ref_loglik", "ref_loglik_lo", "ref_loglik_hi", "answered_stopped", "final_answer",
                 "loops", "mean_length", "length_limit", "very_short", "reverse_kl", "reverse_kl_lo", "reverse_kl_hi",
                 "teacher_tokens", "teacher_requests", "train_wall_s", "eval_wall_s"):
         assert col in cols, col
@@ -189,3 +189,29 @@ def test_cli_compare_and_check_signal_errors_are_one_line(tmp_path):
     assert_one_line_error(run_cli("train", str(RECIPE), "method=opd", "teacher.type=openai-chat", "teacher.model=m"),
                           "method=opd needs a white-box teacher", "teacher.type=openai-chat")
     assert_one_line_error(run_cli("train", str(RECIPE), "audit.target=middle"), "audit.target", "middle")
+
+
+def test_final_answer_share_counts_explicit_answers_only():
+    from omniopd.compare import _final_answer_share
+
+    records = [{"output": "3 + 4 = 7\n#### 7"}, {"output": "so it is \\boxed{12}"}, {"output": "I think 5 apples"}, {"output": ""}]
+    assert _final_answer_share(records)["value"] == 0.5
+
+
+def test_saved_config_is_read_through_the_current_schema(tmp_path):
+    """A finished arm (or checkpoint) written before a config field existed still counts as the same config."""
+    import yaml
+
+    from omniopd.compare import _same_config
+    from omniopd.config import build_config, dump_config
+
+    cfg = build_config({"max_steps": 3, "audit": {"chunk_tokens": 8}})
+    saved = yaml.safe_load(dump_config(cfg))
+    del saved["lora"]  # as written by a version without LoRA
+    del saved["teacher"]["share_prefixes"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert _same_config(path, cfg)
+    saved["audit"]["chunk_tokens"] = 9  # a real difference is still one
+    path.write_text(yaml.safe_dump(saved))
+    assert not _same_config(path, cfg)

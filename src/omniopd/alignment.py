@@ -73,14 +73,25 @@ def decoder_and_head(model):
 
 def response_hidden(model, batch: SequenceBatch) -> tuple[Tensor, object]:
     """Hidden states (B, T, D) with ``[:, t]`` the state that produced response token t, and the head."""
-    decoder, head = decoder_and_head(model)
-    out = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids(batch.attention_mask),
-        use_cache=False,
-    )
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # data parallel: the forward goes through the wrapper so that its gradient all-reduce is armed;
+        # logits only for the last position (the sliced head below computes the rest), the final
+        # (normed) hidden state is the last entry of hidden_states
+        _, head = decoder_and_head(model.module)
+        out = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=position_ids(batch.attention_mask), use_cache=False, output_hidden_states=True, logits_to_keep=1,
+        )
+        h = out.hidden_states[-1]
+    else:
+        decoder, head = decoder_and_head(model)
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids(batch.attention_mask),
+            use_cache=False,
+        )
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     P, T = batch.prompt_len, batch.response_ids.shape[1]
     return h[:, P - 1 : P + T - 1], head
 

@@ -7,9 +7,9 @@ Fidelity notes, in the order the code enforces them:
 - entropy and log-probs come from a fresh no-grad forward of the current student over the finished
   sequences, exact over the full vocabulary, fp32, in position slices;
 - the teacher prefix is y_<t: it stops right before the audited chunk;
-- a chunk is scored only with exactly N continuations; a short or failed result is dropped and
-  counted (``teacher/failed_chunks``), and a step that loses more than ``max_failed_chunk_frac`` of its
-  chunks stops the run rather than train on what is left;
+- a chunk is scored only with exactly N continuations (adaptive N: exactly the n its rounds asked
+  for); a short or failed result is dropped and counted (``teacher/failed_chunks``), and a step that
+  loses more than ``max_failed_chunk_frac`` of its chunks stops the run rather than train on what is left;
 - teacher text is cut to C student tokens before phi (like with like across tokenizers);
 - every record names the selector, phi and teacher that produced it.
 
@@ -17,14 +17,17 @@ Departures (off by default, labelled in the config and in every compare table): 
 centered`` turns the loss weight of each chunk into pi_hat minus the step's mean pi_hat
 (``core.baselines.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
 uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.phi_embedding`` so that
-``core`` never imports a model.
+``core`` never imports a model; ``audit.adaptive_n`` asks the teacher in rounds and stops a chunk once
+its Beta posterior is settled (``_adaptive_rounds``), so a chunk may be scored on n < N continuations:
+its target is (k + alpha p_bar) / (n + alpha), and its record and the step's metrics carry n
+(``teacher_samples``, ``audit/teacher_samples_mean``, ``audit/adaptive_saved_frac``).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -34,6 +37,7 @@ from omniopd.config import AuditConfig, TeacherConfig
 from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem, token_stats
 from omniopd.core.baselines import centered_targets
 from omniopd.core.similarity import Phi
+from omniopd.core.target import posterior_settled, posterior_width
 from omniopd.data import Example
 from omniopd.errors import TeacherError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
@@ -46,6 +50,7 @@ class AuditResult:
     metrics: dict[str, float] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per trajectory, for audits.jsonl
     weights_B: list[list[float]] | None = None  # the chunk loss weight: pi_hat (paper) or centred; None: targets_B
+    samples_B: list[list[int]] | None = None  # adaptive N: teacher continuations per kept chunk; None: N each
 
     @property
     def loss_weights_B(self) -> list[list[float]]:
@@ -89,6 +94,84 @@ def student_token_stats(model, batch: SequenceBatch, micro_batch_size: int, slic
 
 def _quantile(values: list[float], q: float) -> float:
     return float(torch.tensor(values).quantile(q)) if values else 0.0
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of adaptive round ``round_index``: round 0 uses the step's own seed (so
+    ``adaptive_round = N`` asks for exactly what the single request of the paper's path asks for), every
+    later round a distinct derived seed, so its continuations are new draws and not copies of earlier ones
+    (an API response cache keys on the seed too)."""
+    return seed if round_index == 0 else (seed * 1_000_003 + round_index) % (2**31 - 1)
+
+
+@dataclass
+class _Rounds:
+    continuations: list[list[str]]  # per planned chunk, cut to C student tokens, all rounds in order
+    scores: list[list[float]]  # phi of each continuation
+    prior: list[float]  # p_bar
+    width: list[float]  # posterior interval width when the chunk stopped (nan for a failed chunk)
+    failed_chunk: list[bool]
+    failed: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    requests: int = 0
+    rounds: int = 0
+
+
+def _adaptive_rounds(
+    *, teacher: Teacher, tokenizer, audit_cfg: AuditConfig, spec: SamplingSpec, planned: list[tuple[int, int]],
+    requests: list[ContinuationRequest], chunk_texts: list[str], logprobs: torch.Tensor, timings: dict[str, float],
+) -> _Rounds:
+    """Adaptive N (a departure, ``audit.adaptive_n``): every still-open chunk gets ``adaptive_round`` more
+    continuations per round (one batched request list per round, a distinct seed per round); after each
+    round a chunk closes once its posterior is settled (``core.target.posterior_settled``) or it has N.
+    A chunk whose request fails in any round is dropped and counted, as on the paper's path."""
+    C, N, R = audit_cfg.chunk_tokens, audit_cfg.teacher_samples, audit_cfg.adaptive_round
+    alpha, width = audit_cfg.prior_strength, audit_cfg.adaptive_width
+    J = len(planned)
+    out = _Rounds(
+        continuations=[[] for _ in range(J)], scores=[[] for _ in range(J)],
+        prior=[float(chunk_prior_mean(logprobs[b, s : s + C])) for b, s in planned],
+        width=[float("nan")] * J, failed_chunk=[False] * J,
+    )
+    teacher_s = phi_s = 0.0
+    t0 = time.perf_counter()
+    phi, prime = phi_by_name(audit_cfg.phi)
+    phi_s += time.perf_counter() - t0
+    open_ = list(range(J))
+    while open_:
+        n_req = min(R, N - out.rounds * R)  # every open chunk has seen the same number of continuations
+        rspec = replace(spec, n=n_req, seed=round_seed(spec.seed, out.rounds))
+        t0 = time.perf_counter()
+        results = teacher.continue_prefixes([requests[j] for j in open_], rspec)
+        teacher_s += time.perf_counter() - t0
+        out.requests += len(open_)
+        out.rounds += 1
+
+        t0 = time.perf_counter()
+        cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == n_req else [] for res in results]
+        prime([*(chunk_texts[j] for j in open_), *(t for c in cuts for t in c)])
+        still = []
+        for j, res, cut in zip(open_, results, cuts, strict=True):
+            out.tokens_in += res.prompt_tokens
+            out.tokens_out += res.completion_tokens
+            if not res.ok or len(res.texts) != n_req:
+                out.failed += 1  # never score a round short of what it asked for: drop the chunk
+                out.failed_chunk[j] = True
+                continue
+            _, scores = k_sem(chunk_texts[j], cut, phi)
+            out.continuations[j] += cut
+            out.scores[j] += scores
+            k, n = sum(out.scores[j]), len(out.scores[j])
+            if posterior_settled(k, n, out.prior[j], alpha, max_samples=N, width=width):
+                out.width[j] = posterior_width(k, n, out.prior[j], alpha)  # kept in audits.jsonl
+            else:
+                still.append(j)
+        phi_s += time.perf_counter() - t0
+        open_ = still
+    timings["time/teacher_s"] = teacher_s
+    timings["time/phi_s"] = phi_s
+    return out
 
 
 def run_audit(
@@ -138,37 +221,62 @@ def run_audit(
         top_p=teacher_cfg.top_p,
         seed=seed * 1_000_003 + step,
     )
-    t0 = time.perf_counter()
-    results = teacher.continue_prefixes(requests, spec) if requests else []
-    timings["time/teacher_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    phi, prime = phi_by_name(audit_cfg.phi)
-    cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == N else [] for res in results]
-    prime([*chunk_texts, *(t for c in cuts for t in c)])  # one batched embedding pass for a model phi
     starts_B: list[list[int]] = [[] for _ in range(B)]
     ksem_B: list[list[float]] = [[] for _ in range(B)]
     prior_B: list[list[float]] = [[] for _ in range(B)]
     chunk_records: list[list[dict]] = [[] for _ in range(B)]
-    failed = 0
-    tokens_in = tokens_out = 0
-    for (b, s), chunk, c0, res, cut in zip(planned, chunk_texts, char_starts, results, cuts, strict=True):
-        tokens_in += res.prompt_tokens
-        tokens_out += res.completion_tokens
-        if not res.ok or len(res.texts) != N:
-            failed += 1  # never score a chunk on fewer than N samples
-            continue
-        k, scores = k_sem(chunk, cut, phi)
-        p_bar = float(chunk_prior_mean(logprobs[b, s : s + C]))
-        starts_B[b].append(s)
-        ksem_B[b].append(k)
-        prior_B[b].append(p_bar)
-        if b < record_trajectories:
-            chunk_records[b].append(
-                {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
-                 "continuations": cut, "phi_scores": scores, "k_sem": k, "prior_mean": p_bar}
-            )
-    timings["time/phi_s"] = time.perf_counter() - t0
+    samples_B: list[list[int]] | None = None  # adaptive N only: continuations per kept chunk
+    n_requests, n_rounds = len(requests), 1
+    if audit_cfg.adaptive_n:  # departure: rounds of continuations, each chunk stops once its target is settled
+        rounds = _adaptive_rounds(
+            teacher=teacher, tokenizer=tokenizer, audit_cfg=audit_cfg, spec=spec, planned=planned, requests=requests,
+            chunk_texts=chunk_texts, logprobs=logprobs, timings=timings,
+        )
+        samples_B = [[] for _ in range(B)]
+        failed, tokens_in, tokens_out = rounds.failed, rounds.tokens_in, rounds.tokens_out
+        n_requests, n_rounds = rounds.requests, rounds.rounds
+        for j, ((b, s), chunk, c0) in enumerate(zip(planned, chunk_texts, char_starts, strict=True)):
+            if rounds.failed_chunk[j]:
+                continue
+            k, scores, p_bar = sum(rounds.scores[j]), rounds.scores[j], rounds.prior[j]
+            starts_B[b].append(s)
+            ksem_B[b].append(k)
+            prior_B[b].append(p_bar)
+            samples_B[b].append(len(scores))
+            if b < record_trajectories:
+                chunk_records[b].append(
+                    {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
+                     "continuations": rounds.continuations[j], "phi_scores": scores, "k_sem": k, "prior_mean": p_bar,
+                     "teacher_samples": len(scores), "posterior_width": rounds.width[j]}
+                )
+    else:
+        t0 = time.perf_counter()
+        results = teacher.continue_prefixes(requests, spec) if requests else []
+        timings["time/teacher_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        phi, prime = phi_by_name(audit_cfg.phi)
+        cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == N else [] for res in results]
+        prime([*chunk_texts, *(t for c in cuts for t in c)])  # one batched embedding pass for a model phi
+        failed = 0
+        tokens_in = tokens_out = 0
+        for (b, s), chunk, c0, res, cut in zip(planned, chunk_texts, char_starts, results, cuts, strict=True):
+            tokens_in += res.prompt_tokens
+            tokens_out += res.completion_tokens
+            if not res.ok or len(res.texts) != N:
+                failed += 1  # never score a chunk on fewer than N samples
+                continue
+            k, scores = k_sem(chunk, cut, phi)
+            p_bar = float(chunk_prior_mean(logprobs[b, s : s + C]))
+            starts_B[b].append(s)
+            ksem_B[b].append(k)
+            prior_B[b].append(p_bar)
+            if b < record_trajectories:
+                chunk_records[b].append(
+                    {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
+                     "continuations": cut, "phi_scores": scores, "k_sem": k, "prior_mean": p_bar}
+                )
+        timings["time/phi_s"] = time.perf_counter() - t0
 
     if planned and failed / len(planned) > audit_cfg.max_failed_chunk_frac:
         raise TeacherError(
@@ -178,7 +286,9 @@ def run_audit(
 
     flat_k = [k for ks in ksem_B for k in ks]
     flat_p = [p for ps in prior_B for p in ps]
-    targets = dm_target(torch.tensor(flat_k), torch.tensor(flat_p), N, audit_cfg.prior_strength).tolist() if flat_k else []
+    flat_n = [n for ns in samples_B for n in ns] if samples_B is not None else [N] * len(flat_k)
+    n_arg = torch.tensor(flat_n) if samples_B is not None else N  # adaptive N: each chunk on its own n
+    targets = dm_target(torch.tensor(flat_k), torch.tensor(flat_p), n_arg, audit_cfg.prior_strength).tolist() if flat_k else []
     # departure "centred target": the loss weight is pi_hat minus the step's mean pi_hat (can be < 0)
     weights = centered_targets(targets).tolist() if audit_cfg.target == "centered" else list(targets)
     targets_B: list[list[float]] = []
@@ -206,7 +316,7 @@ def run_audit(
         "audit/k_sem_p10": _quantile(flat_k, 0.1),
         "audit/k_sem_p50": _quantile(flat_k, 0.5),
         "audit/k_sem_p90": _quantile(flat_k, 0.9),
-        "audit/k_sem_interior_frac": sum(0.05 * N < k < 0.95 * N for k in flat_k) / len(flat_k) if flat_k else 0.0,
+        "audit/k_sem_interior_frac": sum(0.05 * n < k < 0.95 * n for k, n in zip(flat_k, flat_n)) / len(flat_k) if flat_k else 0.0,
         "audit/k_sem_zero_frac": sum(k == 0 for k in flat_k) / len(flat_k) if flat_k else 0.0,
         "audit/target_mean": sum(targets) / len(targets) if targets else 0.0,
         "audit/target_min": min(targets) if targets else 0.0,
@@ -216,13 +326,21 @@ def run_audit(
             "audit/weight_min": min(weights) if weights else 0.0} if audit_cfg.target == "centered" else {}),
         "audit/entropy_anchor_mean": float(entropy[anchor_mask].mean()) if anchor_mask.any() else 0.0,
         "audit/entropy_other_mean": float(entropy[other].mean()) if other.any() else 0.0,
-        "teacher/requests": float(len(requests)),
+        "teacher/requests": float(n_requests),
         "teacher/failed_chunks": float(failed),
         "teacher/tokens_in": float(tokens_in),
         "teacher/tokens_out": float(tokens_out),
         "teacher/tokens": float(tokens_in + tokens_out),
         **timings,
     }
+    if samples_B is not None:
+        metrics.update({
+            "audit/teacher_samples_mean": sum(flat_n) / len(flat_n) if flat_n else 0.0,
+            "audit/adaptive_saved_frac": 1.0 - sum(flat_n) / (len(flat_n) * N) if flat_n else 0.0,
+            "audit/adaptive_full_frac": sum(n == N for n in flat_n) / len(flat_n) if flat_n else 0.0,
+            "audit/adaptive_rounds": float(n_rounds),
+            "audit/k_sem_rate_mean": sum(k / n for k, n in zip(flat_k, flat_n)) / len(flat_k) if flat_k else 0.0,
+        })
 
     records = []
     for b in range(min(B, record_trajectories)):
@@ -232,5 +350,8 @@ def run_audit(
             "response": tokenizer.decode(ids, skip_special_tokens=True), "response_tokens": lengths[b],
             "selector": audit_cfg.anchors, "phi": audit_cfg.phi, "target": audit_cfg.target, "teacher": teacher.name,
             "chunks": chunk_records[b],
+            **({"adaptive_n": {"round": audit_cfg.adaptive_round, "width": audit_cfg.adaptive_width, "max_samples": N}}
+               if audit_cfg.adaptive_n else {}),
         })
-    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records, weights_B=weights_B)
+    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records, weights_B=weights_B,
+                       samples_B=samples_B)

@@ -88,12 +88,17 @@ def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        # tied weights (lm_head = embed_tokens) are saved once; anything else missing is corruption
-        tied = {k for k in missing if k.endswith("lm_head.weight")}
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        from omniopd.lora import is_lora, load_adapter_state
+
+        if is_lora(model):  # a LoRA run's checkpoint holds the adapter (peft's save_pretrained)
+            load_adapter_state(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        else:
+            weights = load_file(str(ckpt / "model.safetensors"))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            # tied weights (lm_head = embed_tokens) are saved once; anything else missing is corruption
+            tied = {k for k in missing if k.endswith("lm_head.weight")}
+            if set(missing) - tied or unexpected:
+                raise ValueError(f"weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))

@@ -124,7 +124,8 @@ def _cmd_train(args) -> int:
     from omniopd.trainer import format_summary, train
 
     summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    print(format_summary(summary))
+    if summary:  # empty on the non-main processes of a multi-process run
+        print(format_summary(summary))
     return 0
 
 

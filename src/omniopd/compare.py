@@ -50,6 +50,7 @@ SHARED_KEYS = ("student", "seed", "max_steps", "optim.prompts_per_step", "rollou
 
 MEASURES = [  # (key, column title, kind)
     ("ref_loglik", "ref log-lik/token", "mean"),
+    ("final_answer", "explicit final answer", "share"),
     ("answered_stopped", "#### then stop", "share"),
     ("loops", "loops", "share"),
     ("mean_length", "mean length (tokens)", "mean"),
@@ -115,6 +116,8 @@ def departures(cfg: RunConfig | None) -> list[str]:
             out.append("centred target (departure)")
         if cfg.audit.phi == "embedding":
             out.append("embedding φ (departure)")
+        if cfg.audit.adaptive_n:
+            out.append(f"adaptive N, rounds of {cfg.audit.adaptive_round}, width {cfg.audit.adaptive_width:g} (departure)")
         if cfg.loss.kl_anchor_coef == 0:
             out.append("no KL anchor (ablation)")
         if cfg.audit.prior_strength == 0:
@@ -145,12 +148,35 @@ def _last_error(log: str) -> str:
     return tb[-1][:300] if tb else "no output"
 
 
+def _final_answer_share(records: list[dict]) -> dict:
+    """Share of answers that state a final answer explicitly (``#### x`` or ``\\boxed{x}``), whether or
+    not it is right; an answer graded only through its last number does not count."""
+    from omniopd.evaluation.mathgrade import extract_answer
+    from omniopd.measures import share
+
+    return share([extract_answer(r["output"]).rule in ("hash", "boxed") for r in records])
+
+
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """The finished arm's config equals ``cfg`` (read through the current schema: a field added to omniopd
+    since that run was trained counts at its default, so upgrading does not retrain every arm)."""
+    import yaml
+
+    from omniopd.config import normalized
+
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return normalized(saved) == cfg.model_dump(mode="json")
+
+
 def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpoints: bool = False) -> dict:
     run_dir = Path(cfg.output_dir)
     text = dump_config(cfg)
     summary_path = run_dir / "summary.json"
     if (not rerun and summary_path.is_file() and (run_dir / "final").is_dir() and (run_dir / "config.yaml").is_file()
-            and (run_dir / "config.yaml").read_text() == text):
+            and _same_config(run_dir / "config.yaml", cfg)):
         s = json.loads(summary_path.read_text())
         return {"status": "ok (reused)", "train_wall_s": s.get("wall_time_s"), "teacher_tokens": s.get("teacher_tokens"),
                 "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
@@ -194,7 +220,8 @@ class Judge:
         self.kl_note: str | None = None
         self.spec_key = hashlib.sha256(json.dumps({
             "eval": cfg.eval.model_dump(mode="json"), "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps"}),
-            "teacher": cfg.teacher.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
+            # share_prefixes changes where the teacher's cache numbers come from, not its outputs
+            "teacher": cfg.teacher.model_dump(mode="json", exclude={"share_prefixes"}), "student": cfg.student.model_dump(mode="json"),
             "rollout": cfg.rollout.model_dump(mode="json"), "seed": cfg.seed,
         }, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -252,10 +279,15 @@ class Judge:
     def measure(self, name: str, model_path: str) -> dict:
         cache = self.out / "measures" / f"{name}.json"
         key = hashlib.sha256(f"{self.spec_key}:{model_path}:{_mtime(model_path)}".encode()).hexdigest()[:16]
+        records_path = self.out / "eval" / f"{name}_predictions.jsonl"
         if cache.is_file():
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
-                return saved["measures"]
+                m = saved["measures"]
+                if "final_answer" not in m and records_path.is_file():  # measured before this column existed
+                    m["final_answer"] = _final_answer_share([json.loads(x) for x in records_path.read_text().splitlines()])
+                    cache.write_text(json.dumps({"key": key, "measures": m}))
+                return m
         import torch
 
         from omniopd.evaluation.runner import evaluate_model
@@ -267,7 +299,6 @@ class Judge:
         for p in model.parameters():
             p.requires_grad_(False)
         e = self.cfg.eval
-        records_path = self.out / "eval" / f"{name}_predictions.jsonl"
         summary = evaluate_model(model, tok, e.data, limit=e.limit, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                  temperature=0.0, records_path=records_path, show_progress=self.progress)
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
@@ -275,6 +306,7 @@ class Judge:
         m: dict[str, Any] = {
             "accuracy": {"value": summary["accuracy"], "lo": summary["ci95"][0], "hi": summary["ci95"][1], "n": summary["n"]},
             "correct": [bool(r["correct"]) for r in records],
+            "final_answer": _final_answer_share(records),
             "answered_stopped": share([answered_and_stopped(r["output"], r["finished"]) for r in records]),
             "loops": share([loops(r["output"]) for r in records]),
             "length_limit": share([not r["finished"] for r in records]),
@@ -438,6 +470,8 @@ def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | Non
           f"- **ref log-lik/token**: mean log-probability per token of the reference solutions of the first {len(judge.loglik_examples)} "
           f"`{e.data}` problems (calculator annotations `<<…>>` removed, EOS included) after the student's prompt; "
           "percentile bootstrap over problems.",
+          "- **explicit final answer**: the answer states its final answer as `#### x` or `\\boxed{x}` (right or wrong); answers graded "
+          "only through their last number do not count.",
           "- **#### then stop**: the answer ended with EOS before the length limit and its last non-empty line holds `####` and an answer.",
           f"- **loops**: `####` {M.LOOP_MARKER_COUNT}+ times, or the last {M.LOOP_WINDOW_CHARS} characters (whitespace collapsed, "
           f"digit runs → 0) are periodic with period ≤ {M.LOOP_MAX_PERIOD} (three or more copies of one string fill the tail).",
@@ -448,6 +482,7 @@ def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | Non
           f"{cfg.compare.kl_rollouts} `{e.data}` problems.",
           "- **departures** (off by default in the paper's method, labelled wherever they are used): centred target "
           "(chunk weight π̂ − mean π̂ of the step, can push chunks down), embedding φ (all-MiniLM-L6-v2 cosine clipped to [0, 1]), "
+          "adaptive N (teacher asked in rounds; a chunk stops before N once its 95% posterior interval is narrow enough), "
           "rollout temperature or top_p below 1. **ablations**: the paper's switches (no KL anchor, α = 0, other anchor selectors).",
           "- teacher tokens: OmniOPD prompt + continuation tokens of the audits; SFT the tokens of the teacher-written "
           "solutions used (counted even when read from the cache); OPD the tokens of the teacher's forward passes; GRPO none."]
@@ -541,7 +576,9 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
     if phis and cfg.compare.signal_steps > 0:
         say(f"signal check for phi {', '.join(phis)} ({cfg.compare.signal_steps} batches)")
         sig_path = out / "signal_check.json"
-        sig_spec = [judge.spec_key, cfg.compare.signal_steps, phis, cfg.audit.model_dump(mode="json"),
+        # the signal check always asks for exactly N continuations: the adaptive-N settings do not enter it
+        audit_key = cfg.audit.model_dump(mode="json", exclude={"adaptive_n", "adaptive_round", "adaptive_width"})
+        sig_spec = [judge.spec_key, cfg.compare.signal_steps, phis, audit_key,
                     cfg.data.model_dump(mode="json"), cfg.optim.prompts_per_step]
         sig_key = hashlib.sha256(json.dumps(sig_spec, sort_keys=True).encode()).hexdigest()[:16]
         try:

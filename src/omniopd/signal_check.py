@@ -143,7 +143,8 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     from omniopd.trainer import PromptStream
 
     stream = PromptStream(load_examples(cfg.data.train), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
-    audit_cfg = cfg.audit.model_copy(update={"phi": "ned"})  # scoring is redone below for each phi
+    # scoring is redone below for each phi; the controls are scored on the same N continuations, so always N
+    audit_cfg = cfg.audit.model_copy(update={"phi": "ned", "adaptive_n": False})
     chunks: list[dict] = []
     ctrl_by_key: dict[tuple, list[str]] = {}
     r = cfg.rollout

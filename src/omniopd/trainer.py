@@ -5,12 +5,17 @@
 Each phase is a named function; the method is picked from ``METHODS`` (a dict of
 :class:`~omniopd.methods.Method`: which sample, audit and backward functions fill the step), so the
 baselines (SFT, OPD, GRPO in ``omniopd.methods``) plug in without an if/elif ladder here. The
-reference model for the KL anchor is a frozen copy of the initial student; a local teacher on the same
-base model shares it.
+reference model for the KL anchor is a frozen copy of the initial student, or with LoRA
+(``lora.rank > 0``) the same network with its adapter disabled (``omniopd.lora``); a local teacher on
+the same base model shares it.
 
-Distribution: the loop runs on ``accelerate`` (device placement, backward, clipping). Multi-process
-data parallelism needs the forward to go through the wrapped module and metrics to be reduced; that is
-not done yet, so more than one process is refused with a clear message.
+Distribution: the loop runs on ``accelerate``. Under ``accelerate launch`` with several processes
+(DDP; ``recipes/accelerate/ddp.yaml``) each rank samples, audits and back-propagates its equal share of
+the step's prompts, the training forward goes through the DDP wrapper so gradients are averaged, the
+per-rank metrics and audit records are combined on the main process (``omniopd.distributed``), and
+evaluation, checkpoints and the final model are written once, by the main process. FSDP and DeepSpeed
+are refused with a clear message: the sliced output head runs outside the wrapped forward, which
+sharded parameters do not allow.
 """
 
 from __future__ import annotations
@@ -105,20 +110,26 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         raise OmniOPDError(
             f"{out_dir} already holds a run (metrics.jsonl); resume it with --resume {out_dir}, choose another output_dir, or pass --overwrite"
         )
-    accelerator = Accelerator()
-    if accelerator.num_processes > 1:
-        raise ConfigError("multi-process training is not supported yet: run with a single process")
-    set_seed(cfg.seed)
+    accelerator = Accelerator(cpu=not _has_accelerator_device())  # without one, launched processes join as MULTI_CPU (gloo)
+    check_distributed(cfg, accelerator)
+    set_seed(cfg.seed, device_specific=True)  # rank r samples with seed + r (rank 0: the one-process stream)
     train_examples = load_examples(cfg.data.train)
     model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
-    ref_model = copy.deepcopy(model).eval()
-    for p in ref_model.parameters():
-        p.requires_grad_(False)
+    if cfg.lora.rank:
+        from omniopd.lora import AdapterDisabled, apply_lora
+
+        model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+        ref_model = AdapterDisabled(model)  # the base network, no second copy
+    else:
+        ref_model = copy.deepcopy(model).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
     method = METHODS[cfg.method]
     teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
     teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -127,23 +138,52 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_model.to(accelerator.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
     stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     from omniopd.loggers import MetricLoggers
 
-    loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name)
+    loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name) if main else None
     state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir, loggers)
     if resume_from is None:
-        for name in ("metrics.jsonl", "audits.jsonl"):
-            (out_dir / name).unlink(missing_ok=True)
-        if teacher_role == "text":
-            preflight(state, train_examples)
+        if main:
+            for name in ("metrics.jsonl", "audits.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+            if teacher_role == "text":
+                preflight(state, train_examples)
     else:
         restore(state, resume_from)
+    accelerator.wait_for_everyone()
     if method.prepare is not None:
         method.prepare(state)
     return state
+
+
+def _has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def check_distributed(cfg: RunConfig, accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    world = accelerator.num_processes
+    if world == 1:
+        return
+    if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(
+            f"accelerate {accelerator.distributed_type.value} is not supported: use data parallelism "
+            "(recipes/accelerate/ddp.yaml) and lora.rank > 0 to fit a larger student; the sliced output head "
+            "runs outside the wrapped forward, which FSDP and DeepSpeed ZeRO-3 sharding do not allow"
+        )
+    if cfg.optim.prompts_per_step % world:
+        raise ConfigError(
+            f"optim.prompts_per_step: {cfg.optim.prompts_per_step} prompts cannot be split evenly over {world} "
+            f"processes; use a multiple of {world}"
+        )
 
 
 def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
@@ -162,7 +202,9 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
         saved_cfg = yaml.safe_load((ckpts[-1] / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         raise OmniOPDError(f"checkpoint {ckpts[-1]} is corrupt (config.yaml unreadable)") from None
-    diffs = config_differences(saved_cfg or {}, cfg.model_dump(mode="json"))
+    from omniopd.config import normalized
+
+    diffs = config_differences(normalized(saved_cfg), cfg.model_dump(mode="json"))
     if diffs:
         raise OmniOPDError(f"checkpoint {ckpts[-1]} was written with a different config ({', '.join(diffs[:5])}); resume with the same recipe")
     if saved["step"] > cfg.max_steps:
@@ -177,6 +219,12 @@ def restore(state: TrainState, ckpt: Path) -> None:
     state.step = int(saved["step"])
     state.stream.load_state_dict(saved["stream"])
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
+    if state.accelerator.num_processes > 1:  # the checkpoint holds the main rank's RNG: give each rank its own
+        from accelerate.utils import set_seed
+
+        set_seed(state.cfg.seed + 1_000 * state.step, device_specific=True)
+    if not state.accelerator.is_main_process:
+        return
     # logs written after the checkpoint (by the killed process) are dropped: those steps run again
     for name in ("metrics.jsonl", "audits.jsonl"):
         path = state.out_dir / name
@@ -192,7 +240,16 @@ def restore(state: TrainState, ckpt: Path) -> None:
     tqdm.write(f"omniopd: resumed from {ckpt} (step {state.step})")
 
 
-def checkpoint(state: TrainState) -> Path:
+def checkpoint(state: TrainState) -> Path | None:
+    """Written once, by the main process; every rank waits until it is complete."""
+    path = None
+    if state.accelerator.is_main_process:
+        path = _save_checkpoint(state)
+    state.accelerator.wait_for_everyone()
+    return path
+
+
+def _save_checkpoint(state: TrainState) -> Path:
     return save_checkpoint(
         state.out_dir, state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
         optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
@@ -230,7 +287,8 @@ def audit_phase(state: TrainState, rollouts: Rollouts, examples: list[Example]) 
     return run_audit(
         step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
         batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
-        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher, seed=cfg.seed,
+        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher,
+        seed=cfg.seed + 104_729 * state.accelerator.process_index,  # rank 0: the one-process seeds
         micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
         record_trajectories=cfg.audit.record_trajectories,
     )
@@ -294,18 +352,42 @@ def optimizer_phase(state: TrainState) -> dict[str, float]:
     return {"optim/grad_norm": float(grad_norm), "optim/lr": lr}
 
 
-def log_phase(state: TrainState, metrics: dict[str, float], audit: AuditResult) -> None:
+def log_phase(state: TrainState, metrics: dict[str, float], records: list[dict]) -> None:
+    if not state.accelerator.is_main_process:
+        return
     state.loggers.log(state.step, metrics)
-    if audit.records:
+    if records:
         with (state.out_dir / "audits.jsonl").open("a", encoding="utf-8") as fh:
-            for rec in audit.records:
+            for rec in records:
                 fh.write(json.dumps(rec) + "\n")
+
+
+def gather_step(state: TrainState, metrics: dict[str, float], records: list[dict]) -> tuple[dict[str, float], list[dict]]:
+    """One process: as is. Several: every rank's metrics combined and every rank's audit records, in rank order."""
+    acc = state.accelerator
+    if acc.num_processes == 1:
+        return metrics, records
+    from accelerate.utils import gather_object
+
+    from omniopd.distributed import combine_metrics
+
+    per_rank = gather_object([{"metrics": metrics, "records": records, "rank": acc.process_index}])
+    per_rank.sort(key=lambda r: r["rank"])
+    for r in per_rank:
+        for rec in r["records"]:
+            rec.setdefault("rank", r["rank"])
+    return combine_metrics([r["metrics"] for r in per_rank]), [rec for r in per_rank for rec in r["records"]]
 
 
 def train_step(state: TrainState) -> dict[str, float]:
     t_step = time.perf_counter()
     method = METHODS[state.cfg.method]
-    examples = state.stream.next_batch()
+    acc = state.accelerator
+    examples = state.stream.next_batch()  # the global batch: every rank advances the stream alike
+    if acc.num_processes > 1:
+        from omniopd.distributed import rank_slice
+
+        examples = rank_slice(examples, acc.process_index, acc.num_processes)
     t0 = time.perf_counter()
     rollouts = (method.sample or sample_phase)(state, examples)
     t_rollout = time.perf_counter() - t0
@@ -318,11 +400,6 @@ def train_step(state: TrainState) -> dict[str, float]:
     t_optim = time.perf_counter() - t0
     state.step += 1
     lengths = rollouts.lengths
-    for key in ("teacher/tokens", "teacher/requests"):
-        state.totals[key] = state.totals.get(key, 0.0) + audit.metrics.get(key, 0.0)
-    if "audit/chunks" in audit.metrics:  # OmniOPD only
-        state.totals["chunks"] = state.totals.get("chunks", 0.0) + audit.metrics["audit/chunks"]
-        state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + audit.metrics["audit/k_sem_mean"] * audit.metrics["audit/chunks"]
     # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*
     backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
     metrics = {
@@ -336,17 +413,23 @@ def train_step(state: TrainState) -> dict[str, float]:
             "rollout/truncated_frac": rollouts.truncated_frac,
             "rollout/trajectories": float(len(lengths)),
         } if method.on_policy else {}),
-        "teacher/tokens_total": state.totals["teacher/tokens"],
         "time/rollout_s": t_rollout,
         "time/loss_backward_s": t_loss,
         "time/optimizer_s": t_optim,
         "time/step_s": time.perf_counter() - t_step,
     }
+    metrics, records = gather_step(state, metrics, audit.records)
+    for key in ("teacher/tokens", "teacher/requests"):
+        state.totals[key] = state.totals.get(key, 0.0) + metrics.get(key, 0.0)
+    if metrics.get("audit/chunks"):  # OmniOPD only
+        state.totals["chunks"] = state.totals.get("chunks", 0.0) + metrics["audit/chunks"]
+        state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + metrics["audit/k_sem_mean"] * metrics["audit/chunks"]
+    metrics["teacher/tokens_total"] = state.totals.get("teacher/tokens", 0.0)
     for k, v in metrics.items():
         if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):
             raise RuntimeError(f"step {state.step}: metric {k} is {v}; stopping before the model is damaged further")
     metrics.update(eval_phase(state))
-    log_phase(state, metrics, audit)
+    log_phase(state, metrics, records)
     return metrics
 
 
@@ -374,6 +457,9 @@ def eval_phase(state: TrainState) -> dict[str, float]:
     e = state.cfg.eval
     if not e.every_steps or state.step % e.every_steps:
         return {}
+    if not state.accelerator.is_main_process:  # evaluated once, by the main process
+        state.accelerator.wait_for_everyone()
+        return {}
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     for bench in e.benchmarks or [e.data]:
@@ -389,16 +475,25 @@ def eval_phase(state: TrainState) -> dict[str, float]:
             state.totals["best_value"], state.totals["best_step"] = value, float(state.step)
             save_model(state, state.out_dir / "best")
     metrics["time/eval_s"] = time.perf_counter() - t0
+    state.accelerator.wait_for_everyone()
     return metrics
 
 
 def save_model(state: TrainState, path: Path) -> Path:
-    """``from_pretrained``-loadable copy of the current student, written aside and renamed into place."""
+    """``from_pretrained``-loadable copy of the current student, written aside and renamed into place.
+    With LoRA: the merged model, and the adapter alone in ``adapter/``."""
     import shutil
+
+    from omniopd.lora import is_lora, merged_copy
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state.accelerator.unwrap_model(state.model).save_pretrained(tmp, safe_serialization=True)
+    model = state.accelerator.unwrap_model(state.model)
+    if is_lora(model):
+        merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     state.tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -412,11 +507,15 @@ def save_final(state: TrainState) -> Path:
 def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:
     t_run = time.perf_counter()
     state = setup(cfg, overwrite=overwrite)
+    main = state.accelerator.is_main_process
+    progress = progress and main
     before_path = state.out_dir / "eval_before.json"
-    if cfg.eval.before and not (state.step > 0 and before_path.exists()):
+    before = None
+    if main and cfg.eval.before and not (state.step > 0 and before_path.exists()):
         before = run_eval(state, "before", progress=progress)
-    else:
-        before = json.loads(before_path.read_text()) if before_path.exists() else None
+    elif main and before_path.exists():
+        before = json.loads(before_path.read_text())
+    state.accelerator.wait_for_everyone()
     keys = ("loss/total", "audit/k_sem_mean", "audit/target_mean", "loss/kl_anchor", "rollout/mean_length")
     last: dict[str, float] = {}
     every = cfg.checkpoint.every_steps
@@ -426,7 +525,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
                 last = train_step(state)
             except TeacherError as err:
                 # budget reached or too many failed chunks: keep what was learnt so far, then stop
-                path = save_final(state)
+                path = save_final(state) if main else state.out_dir / "final"
                 state.teacher.close()
                 raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
             if every and state.step % every == 0 and state.step < cfg.max_steps:
@@ -434,15 +533,20 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
             bar.update(1)
     state.teacher.close()
-    state.loggers.close()
+    if state.loggers is not None:
+        state.loggers.close()
     if not list_checkpoints(state.out_dir) or load_trainer_state(list_checkpoints(state.out_dir)[-1])["step"] != state.step:
         checkpoint(state)
+    if not main:  # the final model, its evaluation and the summary are the main process's
+        state.accelerator.wait_for_everyone()
+        return {}
     final = save_final(state)
     after = run_eval(state, "after", progress=progress) if cfg.eval.after else None
     summary = {
         "output_dir": str(state.out_dir),
         "final_model": str(final),
         "steps": state.step,
+        "processes": state.accelerator.num_processes,
         "teacher": state.teacher.name,
         "eval_data": cfg.eval.data,
         "accuracy_before": before and {"accuracy": before["accuracy"], "ci95": before["ci95"], "n": before["n"]},
@@ -455,6 +559,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
         "wall_time_s": time.perf_counter() - t_run,
     }
     (state.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    state.accelerator.wait_for_everyone()
     return summary
 
 

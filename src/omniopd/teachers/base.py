@@ -95,6 +95,7 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
             batch_size=t.batch_size,
             dtype=t.dtype,
             reuse_prefix=t.reuse_prefix,
+            share_prefixes=t.share_prefixes,
             model=student if same else None,
             tokenizer=student_tokenizer if same else None,
         )

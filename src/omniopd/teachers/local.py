@@ -10,6 +10,18 @@ repeated N times, and ``generate`` decodes the N samples from it (``reuse_prefix
 on CPU the prefill of a few-hundred-token prompt costs far more than decoding C tokens, so this cuts
 teacher time by close to N). ``reuse_prefix=False`` is the plain path (``num_return_sequences=N``,
 N prefills). Sampling has top_k disabled (top_k=0) so temperature and top_p are the only shaping.
+
+``share_prefixes=True`` (with ``reuse_prefix``; off by default) also shares the prefill *across* the
+requests of one generate call: the chunk prefixes of a trajectory are nested, and the samples of one
+prompt share its question (and reference), so a request's prompt tokens are mostly a prefix of a longer
+request's. Rows are prefilled longest first, one at a time; a row whose tokens (all but the last) are a
+prefix of a row already computed takes that row's key/value slice (causal attention: the keys and values
+at position t depend only on tokens <= t), a row that shares only part continues from the shared slice,
+and the slices are assembled into the same left-padded cache the batched prefill would give. The
+continuations are the same as the plain path's for a fixed seed (the batch, the rows and the random
+stream are unchanged; only where the cache's numbers come from differs, by float rounding). Used only
+when every cache layer is a plain full-attention layer (no sliding window, no recurrent state);
+otherwise the batched prefill runs. ``prefill_stats`` counts computed and reused prompt positions.
 Each call runs under a forked RNG seeded from the spec, so teacher draws do not perturb the student's
 sampling stream and a rerun with the same seed reproduces them.
 """
@@ -25,10 +37,21 @@ from omniopd.teachers.base import ContinuationRequest, ContinuationResult, Sampl
 from omniopd.teachers.protocols import completion_prompt
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class LocalTeacher(Teacher):
-    def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32, reuse_prefix: bool = True):
+    def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32, reuse_prefix: bool = True,
+                 share_prefixes: bool = False):
         self.model = model
         self.reuse_prefix = reuse_prefix
+        self.share_prefixes = share_prefixes
+        self.prefill_stats = {"computed": 0, "reused": 0}  # prompt positions prefilled / taken from another row
         self.tokenizer = tokenizer
         self.privileged = privileged
         self.batch_size = batch_size
@@ -38,13 +61,13 @@ class LocalTeacher(Teacher):
     @classmethod
     def from_name(
         cls, name: str, privileged: bool, batch_size: int = 32, dtype: str = "float32", model=None, tokenizer=None,
-        reuse_prefix: bool = True,
+        reuse_prefix: bool = True, share_prefixes: bool = False,
     ):
         if model is None or tokenizer is None:
             model, tokenizer = load_model(name, dtype)
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, tokenizer, name, privileged, batch_size, reuse_prefix)
+        return cls(model, tokenizer, name, privileged, batch_size, reuse_prefix, share_prefixes)
 
     def prompt_text(self, req: ContinuationRequest) -> str:
         """Exactly what the teacher model reads: its chat template (a plain "Question/Answer" frame for a
@@ -109,13 +132,71 @@ class LocalTeacher(Teacher):
             return self.model.generate(input_ids=ids, attention_mask=att, generation_config=gen)
         # Prefill all but the last prompt token once, repeat the cache n times, and let generate feed the
         # last token: its cache_position starts at P - 1, so no prompt token is computed twice.
-        cache = DynamicCache(config=self.model.config)
-        self.model(
-            input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=position_ids(att)[:, :-1],
-            cache=cache, use_cache=True, logits_to_keep=1,  # only the cache is wanted, not (B, P, V) logits
-        )
+        cache = self._shared_prefill(ids, att) if self.share_prefixes and ids.shape[1] > 1 else None
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+            self.model(
+                input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=position_ids(att)[:, :-1],
+                cache=cache, use_cache=True, logits_to_keep=1,  # only the cache is wanted, not (B, P, V) logits
+            )
+            self.prefill_stats["computed"] += int(att[:, :-1].sum())
         cache.batch_repeat_interleave(n)
         return self.model.generate(
             input_ids=ids.repeat_interleave(n, 0), attention_mask=att.repeat_interleave(n, 0),
             cache=cache, generation_config=gen,
         )
+
+    def _row_cache(self, tokens: list[int], donor: tuple[list, list] | None, shared: int) -> tuple[list, list] | None:
+        """Per-layer keys and values (1, H, len(tokens), D) of one unpadded row; the first ``shared``
+        positions are sliced from ``donor``, the rest computed. None: a cache layer that cannot be sliced."""
+        from transformers.cache_utils import DynamicLayer
+
+        device = next(self.model.parameters()).device
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            for layer, (k, v) in enumerate(zip(*donor, strict=True)):
+                cache.update(k[:, :, :shared].clone(), v[:, :, :shared].clone(), layer)
+        if shared < len(tokens):
+            rest = torch.tensor([tokens[shared:]], device=device)
+            pos = torch.arange(shared, len(tokens), device=device)[None]
+            self.model(input_ids=rest, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+    def _shared_prefill(self, ids: torch.Tensor, att: torch.Tensor) -> DynamicCache | None:
+        """The left-padded cache of ``ids[:, :-1]`` with positions shared across rows (see the module
+        docstring); None when the model's cache cannot be assembled this way."""
+        B, P = ids.shape
+        rows = [ids[i, :-1][att[i, :-1].bool()].tolist() for i in range(B)]  # real prompt tokens but the last
+        order = sorted(range(B), key=lambda i: -len(rows[i]))
+        done: dict[int, tuple[list, list]] = {}
+        computed = reused = 0
+        for i in order:
+            best, shared = None, 0
+            for j in done:
+                c = _common_prefix(rows[i], rows[j])
+                if c > shared:
+                    best, shared = j, c
+            kv = self._row_cache(rows[i], done[best] if best is not None else None, shared)
+            if kv is None:
+                return None
+            done[i] = kv
+            computed += len(rows[i]) - shared
+            reused += shared
+        first_k, first_v = done[order[0]]
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(first_k)):
+            shape_k = (B, *first_k[layer].shape[1:2], P - 1, first_k[layer].shape[-1])
+            shape_v = (B, *first_v[layer].shape[1:2], P - 1, first_v[layer].shape[-1])
+            keys = first_k[layer].new_zeros(shape_k)  # padding positions are masked: their values never count
+            values = first_v[layer].new_zeros(shape_v)
+            for i in range(B):
+                L = len(rows[i])
+                if L:
+                    keys[i, :, P - 1 - L :] = done[i][0][layer][0]
+                    values[i, :, P - 1 - L :] = done[i][1][layer][0]
+            cache.update(keys, values, layer)
+        self.prefill_stats["computed"] += computed
+        self.prefill_stats["reused"] += reused
+        return cache

@@ -1,0 +1,131 @@
+"""Two CPU processes (accelerate launch, gloo) against one: data parallelism gives the same model.
+
+SFT on the dataset's reference solutions is deterministic (no sampling), so 2 processes x 1 prompt per
+step must end with the parameters of 1 process x 2 prompts per step, up to float summation order.
+An OmniOPD run on 2 processes writes one combined metrics line per step and both ranks' audit records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import char_tokenizer, tiny_llama
+
+from omniopd.distributed import combine_metrics, rank_slice
+
+ROOT = Path(__file__).resolve().parents[1]
+DDP_CPU = ROOT / "recipes" / "accelerate" / "ddp-cpu.yaml"
+
+
+def test_combine_metrics_by_hand():
+    a = {"teacher/tokens": 10.0, "audit/chunks": 3.0, "audit/k_sem_mean": 1.0, "time/step_s": 2.0, "loss/total": 0.5,
+         "audit/target_min": 0.2}
+    b = {"teacher/tokens": 4.0, "audit/chunks": 1.0, "audit/k_sem_mean": 3.0, "time/step_s": 5.0, "loss/total": 1.5,
+         "audit/target_min": 0.1}
+    c = {"teacher/tokens": 0.0, "audit/chunks": 0.0, "time/step_s": 1.0, "loss/total": 1.0}  # audited nothing
+    out = combine_metrics([a, b, c])
+    assert out["teacher/tokens"] == 14.0 and out["audit/chunks"] == 4.0
+    assert out["audit/k_sem_mean"] == pytest.approx((3 * 1.0 + 1 * 3.0) / 4)  # chunk-weighted
+    assert out["time/step_s"] == 5.0 and out["audit/target_min"] == 0.1
+    assert out["loss/total"] == pytest.approx(1.0)
+    assert set(out) == set(a)  # the union of keys, whatever a rank lacked
+    assert rank_slice([1, 2, 3, 4], 1, 2) == [3, 4]
+
+
+def _setup(tmp_path) -> tuple[Path, Path]:
+    tok = char_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(1, 9)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return model_dir, data
+
+
+def _recipe(tmp_path, name, model_dir, data, **extra) -> Path:
+    cfg = {
+        "output_dir": str(tmp_path / name), "max_steps": 2, "seed": 0, "student": {"name": str(model_dir)},
+        "teacher": {"type": "privileged", "batch_size": 16},
+        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 20, "batch_size": 8},
+        "optim": {"lr": 1e-3, "prompts_per_step": 2, "micro_batch_size": 2},
+        "data": {"train": str(data)},
+        "eval": {"data": str(data), "limit": 2, "max_new_tokens": 8, "before": False, "after": False},
+    }
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _launch(recipe: Path, processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
+           "--num_processes", str(processes), "-m", "omniopd.cli", "train", str(recipe), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    model_dir, data = _setup(tmp_path)
+    sft = {"method": "sft", "sft": {"source": "reference"}}
+    one = _recipe(tmp_path, "one", model_dir, data, **sft)
+    two = _recipe(tmp_path, "two", model_dir, data, **sft)
+    _launch(one, 1)
+    _launch(two, 2)
+    w1, w2, w0 = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final"), _weights(model_dir)
+    moved = max(float((w1[k] - w0[k]).abs().max()) for k in w0)
+    assert moved > 1e-4, "training did not move the weights"
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5 * max(moved, 1.0), msg=lambda m, k=k: f"{k}: {m}")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["processes"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]  # written once, by the main process
+    assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1
+
+
+def test_two_process_omniopd_run_combines_metrics_and_records(tmp_path):
+    model_dir, data = _setup(tmp_path)
+    recipe = _recipe(tmp_path, "omni", model_dir, data)
+    proc = _launch(recipe, 2)
+    assert proc.stdout.count("== omniopd summary ==") == 1  # printed once
+    out = tmp_path / "omni"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["rollout/trajectories"] == 4.0  # 2 ranks x 1 prompt x 2 samples
+        assert "audit/chunks" in m and "teacher/tokens" in m
+    records = [json.loads(x) for x in (out / "audits.jsonl").read_text().splitlines()]
+    assert {r["rank"] for r in records} == {0, 1} and len(records) == 8  # 4 trajectories per step, 2 steps
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["teacher_tokens"] == pytest.approx(sum(m["teacher/tokens"] for m in lines))
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_uneven_prompt_split_is_refused(tmp_path):
+    model_dir, data = _setup(tmp_path)
+    recipe = _recipe(tmp_path, "odd", model_dir, data, optim={"prompts_per_step": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU), "-m", "omniopd.cli",
+           "train", str(recipe), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "cannot be split evenly over 2 processes" in proc.stderr
