@@ -39,27 +39,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_breakdown import ROOT  # noqa: E402
+from step_breakdown import machine as _machine  # noqa: E402
 
 
 def machine() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": sys.version.split()[0],
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    """step_breakdown's machine description plus the load average (the settings run on a shared CPU)."""
+    return {**_machine(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def counting_teacher(inner):

@@ -47,6 +47,21 @@ def char_tokenizer(extra_chars: str = ""):
     return tok
 
 
+def tiny_run_files(tmp_path: Path, rows: int = 8) -> tuple[Path, Path]:
+    """A tiny random Llama + character tokenizer saved under ``tmp_path/tiny``, and a small addition
+    dataset ``tmp_path/train.jsonl``: what a training run on the tiny model needs."""
+    import json
+
+    tok = char_tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    lines = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(1, rows + 1)]
+    data.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return model_dir, data
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     from omniopd.data import shared_data_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import char_tokenizer, tiny_llama
+from conftest import tiny_run_files
 
 from omniopd.distributed import combine_metrics, rank_slice
 
@@ -40,14 +40,7 @@ def test_combine_metrics_by_hand():
 
 
 def _setup(tmp_path) -> tuple[Path, Path]:
-    tok = char_tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(1, 9)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return model_dir, data
+    return tiny_run_files(tmp_path, rows=8)
 
 
 def _recipe(tmp_path, name, model_dir, data, **extra) -> Path:

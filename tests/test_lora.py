@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
+from conftest import tiny_llama, tiny_run_files
 
 pytest.importorskip("peft")
 
@@ -75,14 +75,7 @@ def test_config_validates_lora_section():
 
 @pytest.fixture()
 def tiny_dir(tmp_path):
-    tok = char_tokenizer()
-    path = tmp_path / "tiny"
-    tiny_llama(vocab_size=len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(1, 7)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path, data
+    return tiny_run_files(tmp_path, rows=6)
 
 
 def _cfg(model_dir, data, out, **extra):
@@ -117,7 +110,6 @@ def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_p
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
     assert all("lora_" in n for n in changed), sorted(changed - {n for n in changed if "lora_" in n})[:3]
-    # the reference is the untouched base: its forward equals the original tiny model's
     from omniopd.trainer import save_final
 
     final = save_final(state)
