@@ -77,8 +77,16 @@ def require_trl():
     return trl
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so that a phase's seconds are its own."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Clock:
-    """Seconds per named phase of the current TRL step; one row per finished step."""
+    """Seconds per named phase of the current TRL step; one row per finished step (CUDA synchronised at each mark)."""
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -87,10 +95,12 @@ class Clock:
 
     @contextlib.contextmanager
     def time(self, key: str):
+        _sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            _sync()
             if self.cur is not None:
                 self.cur[key] += time.perf_counter() - t0
 
@@ -98,9 +108,11 @@ class Clock:
         self.cur = defaultdict(float)
         self.cur["ids"] = []
         self.cur["lengths"] = []
+        _sync()
         self.t_begin = time.perf_counter()
 
     def end(self) -> dict:
+        _sync()
         step_s = time.perf_counter() - self.t_begin
         c = self.cur
         row = {

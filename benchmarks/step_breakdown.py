@@ -4,7 +4,9 @@
 
 Runs ``--steps`` real training steps (the default student and privileged teacher, no evaluation) and
 writes the median of each phase -- rollout, entropy, teacher, phi, loss_backward, optimizer -- and of
-the whole step, with a description of the machine. The first step is included: nothing is warmed up
+the whole step, tokens per second (the student's sampled tokens per rollout second and per step second,
+the teacher's generated tokens per teacher second), with a description of the machine (the GPU's name
+when there is one). The first step is included: nothing is warmed up
 separately, so the numbers are what a user sees.
 """
 
@@ -45,6 +47,11 @@ def machine() -> dict:
     }
 
 
+def _sampled(row: dict) -> float:
+    """The student's sampled response tokens in a step (all trajectories)."""
+    return row["rollout/mean_length"] * row["rollout/trajectories"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", required=True)
@@ -75,14 +82,25 @@ def main() -> None:
             "teacher_samples": cfg.audit.teacher_samples,
             "teacher": cfg.teacher.type,
         },
-        "phases_s": {name: statistics.median(r[key] for r in rows) for name, key in PHASES.items()},
+        "phases_s": {name: statistics.median(r.get(key, 0.0) for r in rows) for name, key in PHASES.items()},
         "step_s": statistics.median(r["time/step_s"] for r in rows),
-        "per_step": [{name: r[key] for name, key in PHASES.items()} | {"step_s": r["time/step_s"], "mean_length": r["rollout/mean_length"], "chunks": r["audit/chunks"]} for r in rows],
+        "tokens_per_s": {
+            "rollout": statistics.median(_sampled(r) / r["time/rollout_s"] for r in rows),
+            "step": statistics.median(_sampled(r) / r["time/step_s"] for r in rows),
+            "teacher_generated": statistics.median(r.get("teacher/tokens_out", 0.0) / max(r.get("time/teacher_s", 0.0), 1e-9) for r in rows),
+        },
+        "per_step": [
+            {name: r.get(key, 0.0) for name, key in PHASES.items()}
+            | {"step_s": r["time/step_s"], "mean_length": r["rollout/mean_length"], "sampled_tokens": _sampled(r),
+               "chunks": r.get("audit/chunks", 0.0), "teacher_tokens_in": r.get("teacher/tokens_in", 0.0),
+               "teacher_tokens_out": r.get("teacher/tokens_out", 0.0)}
+            for r in rows
+        ],
         "setup_s": setup_s,
         "machine": machine(),
     }
     Path(args.output).write_text(json.dumps(result, indent=2))
-    print(json.dumps({"phases_s": result["phases_s"], "step_s": result["step_s"]}, indent=2))
+    print(json.dumps({"phases_s": result["phases_s"], "step_s": result["step_s"], "tokens_per_s": result["tokens_per_s"]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ class SequenceBatch:
             response_mask=resp_mask[:, :T],
         )
 
+    def to(self, device) -> "SequenceBatch":
+        """The same batch on ``device`` (rollouts are packed on the CPU; the forward runs where the model is)."""
+        return SequenceBatch(
+            input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device), prompt_len=self.prompt_len,
+            response_ids=self.response_ids.to(device), response_mask=self.response_mask.to(device),
+        )
+
 
 def position_ids(attention_mask: Tensor) -> Tensor:
     pos = attention_mask.long().cumsum(-1) - 1

@@ -80,9 +80,10 @@ def student_token_stats(model, batch: SequenceBatch, micro_batch_size: int, slic
     B, T = batch.response_ids.shape
     ent = torch.zeros(B, T)
     logp = torch.zeros(B, T)
+    device = next(model.parameters()).device
     for i in range(0, B, micro_batch_size):
         idx = list(range(i, min(B, i + micro_batch_size)))
-        sub = batch.select(idx)
+        sub = batch.select(idx).to(device)
         hidden, head = response_hidden(model, sub)
         stats = token_stats(hidden, head, sub.response_ids, want_entropy=True, slice_size=slice_size)
         t = sub.response_ids.shape[1]

@@ -102,13 +102,6 @@ class NoTeacher(Teacher):
         raise TeacherError("this method runs without a teacher")
 
 
-def _on(batch: SequenceBatch, device) -> SequenceBatch:
-    return SequenceBatch(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), prompt_len=batch.prompt_len,
-        response_ids=batch.response_ids.to(device), response_mask=batch.response_mask.to(device),
-    )
-
-
 def _micro_batches(B: int, size: int):
     for i in range(0, B, size):
         yield list(range(i, min(B, i + size)))
@@ -253,7 +246,7 @@ def sft_backward(state: "TrainState", batch: SequenceBatch, signal: StepSignal) 
     B = batch.response_ids.shape[0]
     loss_sum = nll_sum = n_tok = 0.0
     for idx in _micro_batches(B, cfg.optim.micro_batch_size):
-        sub = _on(batch.select(idx), device)
+        sub = batch.select(idx).to(device)
         hidden, head = response_hidden(state.model, sub)
         stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
         out = sft_loss(SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B))
@@ -316,8 +309,8 @@ def opd_backward(state: "TrainState", batch: SequenceBatch, signal: StepSignal) 
     B = batch.response_ids.shape[0]
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx in _micro_batches(B, cfg.optim.micro_batch_size):
-        sub = _on(batch.select(idx), device)
-        tsub = _on(signal.teacher_batch.select(idx), device)
+        sub = batch.select(idx).to(device)
+        tsub = signal.teacher_batch.select(idx).to(device)
         same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(tsub.response_mask, sub.response_mask)
         if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
             raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
@@ -377,7 +370,7 @@ def grpo_backward(state: "TrainState", batch: SequenceBatch, signal: StepSignal)
         return {"loss/total": 0.0, "loss/grpo": 0.0, "grpo/skipped_flat_batch": 1.0}
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx in _micro_batches(B, cfg.optim.micro_batch_size):
-        sub = _on(batch.select(idx), device)
+        sub = batch.select(idx).to(device)
         hidden, head = response_hidden(state.model, sub)
         stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
         ref_kl = None

@@ -302,7 +302,7 @@ def omniopd_backward(state: TrainState, batch: SequenceBatch, audit: AuditResult
     chunk_sum = kl_sum = n_unaudited = n_audited = 0.0
     for i in range(0, B, cfg.optim.micro_batch_size):
         idx = list(range(i, min(B, i + cfg.optim.micro_batch_size)))
-        sub = batch.select(idx)
+        sub = batch.select(idx).to(state.accelerator.device)
         T = sub.response_ids.shape[1]
         weights, chunk_mask = token_weights_from_chunks(
             [audit.starts_B[j] for j in idx], [audit.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
@@ -379,6 +379,12 @@ def gather_step(state: TrainState, metrics: dict[str, float], records: list[dict
     return combine_metrics([r["metrics"] for r in per_rank]), [rec for r in per_rank for rec in r["records"]]
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so that a phase's seconds are its own (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(state: TrainState) -> dict[str, float]:
     t_step = time.perf_counter()
     method = METHODS[state.cfg.method]
@@ -390,13 +396,16 @@ def train_step(state: TrainState) -> dict[str, float]:
         examples = rank_slice(examples, acc.process_index, acc.num_processes)
     t0 = time.perf_counter()
     rollouts = (method.sample or sample_phase)(state, examples)
+    synchronize(acc.device)
     t_rollout = time.perf_counter() - t0
     audit = (method.audit or audit_phase)(state, rollouts, examples)
     t0 = time.perf_counter()
     loss_metrics = method.backward(state, rollouts.batch, audit)
+    synchronize(acc.device)
     t_loss = time.perf_counter() - t0
     t0 = time.perf_counter()
     optim_metrics = optimizer_phase(state)
+    synchronize(acc.device)
     t_optim = time.perf_counter() - t0
     state.step += 1
     lengths = rollouts.lengths
