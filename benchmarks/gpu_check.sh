@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of the default recipe's shapes, in one run (a few minutes on one H100).
+# The GPU measurements of the default recipe's shapes, in one run (about 7 minutes on one H100; each
+# stage has a time limit, 11 minutes in all). docs/SPEED.md has the figures it produced.
 #
 #   benchmarks/gpu_check.sh OUTDIR [key=value ...]
 #
@@ -7,10 +8,10 @@
 #   gpu.txt            nvidia-smi's name, memory and driver for the card
 #   step_fp32.json     step_breakdown.py, the default recipe (float32), 6 steps: seconds per phase, tokens/s
 #   compare_trl.json   compare_trl.py (TRL's DistillationTrainer beside OmniOPD), 5 steps each, 1 warm-up
-#   teacher_cost.json  teacher_cost.py at the default shapes, 3 batches of 4 prompts
+#   teacher_cost.json  teacher_cost.py at the default shapes, 2 batches of 2 prompts, no reseeded setting
 #   step_paper.json    step_breakdown.py at the paper's audit shapes (M=10, N=10, C=50), 512-token
-#                      responses, 16 trajectories per step, 3 steps
-#   step_bf16.json     step_breakdown.py, the default recipe in bfloat16, 6 steps
+#                      responses, 16 trajectories per step, 2 steps
+#   step_bf16.json     step_breakdown.py, the default recipe in bfloat16, 4 steps
 #   log.txt            every stage's output
 # Extra key=value arguments go to every stage's recipe (e.g. student.name=/path/to/model.gguf).
 # Needs TRL for compare_trl (pip install 'omniopd[bench]'); without it that stage is logged as failed.
@@ -36,13 +37,13 @@ stage() {  # stage NAME SECONDS args...
   echo "== $name: rc=$rc after $((SECONDS - t0))s" | tee -a "$log"
 }
 
-stage step_fp32 100 "$here/step_breakdown.py" --output "$out/step_fp32.json" --steps 6 "$@"
+stage step_fp32 120 "$here/step_breakdown.py" --output "$out/step_fp32.json" --steps 6 "$@"
 stage compare_trl 120 "$here/compare_trl.py" --output "$out/compare_trl.json" --steps 5 --warmup 1 "$@"
-stage teacher_cost 100 "$here/teacher_cost.py" --output "$out/teacher_cost.json" --steps 3 --prompts 4 "$@"
-stage step_paper 100 "$here/step_breakdown.py" --output "$out/step_paper.json" --steps 3 \
+stage teacher_cost 180 "$here/teacher_cost.py" --output "$out/teacher_cost.json" --steps 2 --prompts 2 --no-noise-floor "$@"
+stage step_paper 150 "$here/step_breakdown.py" --output "$out/step_paper.json" --steps 2 \
   audit.chunk_tokens=50 audit.num_chunks=10 audit.teacher_samples=10 rollout.max_new_tokens=512 \
-  optim.prompts_per_step=4 rollout.samples_per_prompt=4 optim.micro_batch_size=8 teacher.batch_size=400 "$@"
-stage step_bf16 60 "$here/step_breakdown.py" --output "$out/step_bf16.json" --steps 6 student.dtype=bfloat16 "$@"
+  optim.prompts_per_step=4 rollout.samples_per_prompt=4 optim.micro_batch_size=8 teacher.batch_size=400 rollout.batch_size=16 "$@"
+stage step_bf16 90 "$here/step_breakdown.py" --output "$out/step_bf16.json" --steps 4 student.dtype=bfloat16 "$@"
 
 "$py" - "$out" <<'EOF' | tee -a "$log"
 import json, sys
