@@ -62,6 +62,23 @@ def tiny_run_files(tmp_path: Path, rows: int = 8) -> tuple[Path, Path]:
     return model_dir, data
 
 
+def tiny_run_config(model_dir: Path, data: Path, out: Path, *, lr: float = 5e-2, **sections) -> dict:
+    """A 2-step OmniOPD run of the tiny model on ``data`` (privileged teacher, C=4, M=2, N=3, 2 prompts x
+    2 samples, no evaluation) as a config dict; each keyword merges into its section (or sets a scalar)."""
+    cfg = {
+        "output_dir": str(out), "max_steps": 2, "seed": 0, "student": {"name": str(model_dir)},
+        "teacher": {"type": "privileged", "batch_size": 16},
+        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 20, "batch_size": 8},
+        "optim": {"lr": lr, "prompts_per_step": 2, "micro_batch_size": 2},
+        "data": {"train": str(data)},
+        "eval": {"data": str(data), "limit": 2, "max_new_tokens": 8, "before": False, "after": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     from omniopd.data import shared_data_dir

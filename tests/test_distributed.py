@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_files
+from conftest import tiny_run_config, tiny_run_files
 
 from omniopd.distributed import combine_metrics, rank_slice
 
@@ -44,17 +44,7 @@ def _setup(tmp_path) -> tuple[Path, Path]:
 
 
 def _recipe(tmp_path, name, model_dir, data, **extra) -> Path:
-    cfg = {
-        "output_dir": str(tmp_path / name), "max_steps": 2, "seed": 0, "student": {"name": str(model_dir)},
-        "teacher": {"type": "privileged", "batch_size": 16},
-        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
-        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 20, "batch_size": 8},
-        "optim": {"lr": 1e-3, "prompts_per_step": 2, "micro_batch_size": 2},
-        "data": {"train": str(data)},
-        "eval": {"data": str(data), "limit": 2, "max_new_tokens": 8, "before": False, "after": False},
-    }
-    for key, value in extra.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    cfg = tiny_run_config(model_dir, data, tmp_path / name, lr=1e-3, **extra)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run_files
+from conftest import tiny_run_config, tiny_run_files
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,17 +27,7 @@ def fresh_accelerate_state():
 def _cfg(model_dir, data, out, **extra):
     from omniopd.config import build_config
 
-    base = {
-        "output_dir": str(out), "max_steps": 2, "seed": 0, "student": {"name": str(model_dir)},
-        "teacher": {"type": "privileged", "batch_size": 16},
-        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
-        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 20, "batch_size": 8},
-        "optim": {"lr": 5e-2, "prompts_per_step": 2, "micro_batch_size": 2},
-        "data": {"train": str(data)},
-        "eval": {"data": str(data), "limit": 2, "max_new_tokens": 8, "before": False, "after": False},
-    }
-    base.update(extra)
-    return build_config(base)
+    return build_config(tiny_run_config(model_dir, data, out, **extra))
 
 
 def _sft_loss_and_grads(cfg, *, cpu: bool, monkeypatch) -> tuple[float, dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_run_files
+from conftest import tiny_llama, tiny_run_config, tiny_run_files
 
 pytest.importorskip("peft")
 
@@ -79,18 +79,7 @@ def tiny_dir(tmp_path):
 
 
 def _cfg(model_dir, data, out, **extra):
-    base = {
-        "output_dir": str(out), "max_steps": 2, "seed": 0, "student": {"name": str(model_dir)},
-        "teacher": {"type": "privileged", "batch_size": 16},
-        "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
-        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 20, "batch_size": 8},
-        "optim": {"lr": 5e-2, "prompts_per_step": 2, "micro_batch_size": 2},
-        "data": {"train": str(data)},
-        "eval": {"data": str(data), "limit": 2, "max_new_tokens": 8, "before": False, "after": False},
-        "lora": {"rank": 4, "alpha": 8.0},
-    }
-    base.update(extra)
-    return build_config(base)
+    return build_config(tiny_run_config(model_dir, data, out, lora={"rank": 4, "alpha": 8.0}, **extra))
 
 
 def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_path):
