@@ -84,6 +84,25 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 1
 
 
+def test_two_process_run_resumes_where_it_stopped(tmp_path):
+    # a 2-process run stopped after step 1 and resumed from its checkpoint ends where an uninterrupted
+    # 2-process run does (SFT on the references: no sampling, so the two runs do the same arithmetic)
+    model_dir, data = _setup(tmp_path)
+    sft = {"method": "sft", "sft": {"source": "reference"}, "checkpoint": {"every_steps": 1}}
+    _launch(_recipe(tmp_path, "full", model_dir, data, **sft), 2)
+    _launch(_recipe(tmp_path, "cut", model_dir, data, max_steps=1, **sft), 2)
+    first = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in first] == [1]
+    _launch(_recipe(tmp_path, "cut", model_dir, data, resume=True, **sft), 2)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert lines[0] == first[0]  # step 1 was kept from the first launch, not trained again
+    full, cut, base = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "cut" / "final"), _weights(model_dir)
+    assert max(float((full[k] - base[k]).abs().max()) for k in base) > 1e-4
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_two_process_omniopd_run_combines_metrics_and_records(tmp_path):
     model_dir, data = _setup(tmp_path)
     recipe = _recipe(tmp_path, "omni", model_dir, data)
