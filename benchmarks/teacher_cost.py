@@ -31,7 +31,8 @@ the same chunks, and for adaptive N the mean n per chunk and the saved fraction 
 
 Every setting audits the same rollouts with the same seeds, and the settings run interleaved batch by
 batch so a change in machine load hits all of them alike. The entropy forward pass is part of the audit
-seconds of every setting (it is the same work in each). Sizes default small enough for 2 CPU cores.
+seconds of every setting (it is the same work in each). The model runs on the GPU when there is one
+(``device`` in the JSON). Sizes default small enough for 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.student.name, cfg.student.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where a training run would put it
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     teachers = {key: build_teacher(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"reuse_prefix": key != "plain"})}),
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "continuations are independent draws, so its first n are a fair draw of n): mean n, saved fraction and "
             "mean |pi_hat(n) - pi_hat(N)| per width, with no further teacher calls.",
         ],
+        "device": device,
         "machine": machine(),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
