@@ -89,3 +89,22 @@ def test_shared_cache_equals_the_batched_prefill(model_tok):
         assert a.keys.shape == b.keys.shape
         assert torch.allclose(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-5)
         assert torch.allclose(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real], atol=1e-5)
+
+
+def test_sliding_window_model_falls_back_to_the_batched_prefill():
+    """A model whose cache layers are not plain full attention (here Mistral's sliding window) is never
+    assembled from row slices: share_prefixes runs the batched prefill and gives its continuations."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(5)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    model = MistralForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shared = _teacher((model, tok), batch_size=64, share_prefixes=True)
+    reuse = _teacher((model, tok), batch_size=64)
+    assert [r.texts for r in shared.continue_prefixes(_requests(), SPEC)] == [r.texts for r in reuse.continue_prefixes(_requests(), SPEC)]
+    assert shared.prefill_stats["reused"] == 0 and shared.prefill_stats["computed"] == reuse.prefill_stats["computed"] > 0

@@ -18,7 +18,7 @@ centered`` turns the loss weight of each chunk into pi_hat minus the step's mean
 (``core.baselines.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
 uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.phi_embedding`` so that
 ``core`` never imports a model; ``audit.adaptive_n`` asks the teacher in rounds and stops a chunk once
-its Beta posterior is settled (``_adaptive_rounds``), so a chunk may be scored on n < N continuations:
+its Beta posterior is settled (``_teacher_rounds``), so a chunk may be scored on n < N continuations:
 its target is (k + alpha p_bar) / (n + alpha), and its record and the step's metrics carry n
 (``teacher_samples``, ``audit/teacher_samples_mean``, ``audit/adaptive_saved_frac``).
 """
@@ -119,15 +119,17 @@ class _Rounds:
     rounds: int = 0
 
 
-def _adaptive_rounds(
+def _teacher_rounds(
     *, teacher: Teacher, tokenizer, audit_cfg: AuditConfig, spec: SamplingSpec, planned: list[tuple[int, int]],
     requests: list[ContinuationRequest], chunk_texts: list[str], logprobs: torch.Tensor, timings: dict[str, float],
 ) -> _Rounds:
-    """Adaptive N (a departure, ``audit.adaptive_n``): every still-open chunk gets ``adaptive_round`` more
-    continuations per round (one batched request list per round, a distinct seed per round); after each
-    round a chunk closes once its posterior is settled (``core.target.posterior_settled``) or it has N.
-    A chunk whose request fails in any round is dropped and counted, as on the paper's path."""
-    C, N, R = audit_cfg.chunk_tokens, audit_cfg.teacher_samples, audit_cfg.adaptive_round
+    """The teacher's continuations and their phi scores for every planned chunk. The paper's path is one
+    round of N continuations per chunk. Adaptive N (a departure, ``audit.adaptive_n``) asks in rounds of
+    ``adaptive_round`` for every still-open chunk (one batched request list per round, a distinct seed per
+    round); after each round a chunk closes once its posterior is settled (``core.target.posterior_settled``)
+    or it has N. A chunk whose request fails in any round is dropped and counted."""
+    C, N = audit_cfg.chunk_tokens, audit_cfg.teacher_samples
+    R = audit_cfg.adaptive_round if audit_cfg.adaptive_n else N
     alpha, width = audit_cfg.prior_strength, audit_cfg.adaptive_width
     J = len(planned)
     out = _Rounds(
@@ -164,6 +166,8 @@ def _adaptive_rounds(
             out.continuations[j] += cut
             out.scores[j] += scores
             k, n = sum(out.scores[j]), len(out.scores[j])
+            if not audit_cfg.adaptive_n:
+                continue  # the paper's path: one round of N
             if posterior_settled(k, n, out.prior[j], alpha, max_samples=N, width=width):
                 out.width[j] = posterior_width(k, n, out.prior[j], alpha)  # kept in audits.jsonl
             else:
@@ -226,58 +230,29 @@ def run_audit(
     ksem_B: list[list[float]] = [[] for _ in range(B)]
     prior_B: list[list[float]] = [[] for _ in range(B)]
     chunk_records: list[list[dict]] = [[] for _ in range(B)]
-    samples_B: list[list[int]] | None = None  # adaptive N only: continuations per kept chunk
-    n_requests, n_rounds = len(requests), 1
-    if audit_cfg.adaptive_n:  # departure: rounds of continuations, each chunk stops once its target is settled
-        rounds = _adaptive_rounds(
-            teacher=teacher, tokenizer=tokenizer, audit_cfg=audit_cfg, spec=spec, planned=planned, requests=requests,
-            chunk_texts=chunk_texts, logprobs=logprobs, timings=timings,
-        )
-        samples_B = [[] for _ in range(B)]
-        failed, tokens_in, tokens_out = rounds.failed, rounds.tokens_in, rounds.tokens_out
-        n_requests, n_rounds = rounds.requests, rounds.rounds
-        for j, ((b, s), chunk, c0) in enumerate(zip(planned, chunk_texts, char_starts, strict=True)):
-            if rounds.failed_chunk[j]:
-                continue
-            k, scores, p_bar = sum(rounds.scores[j]), rounds.scores[j], rounds.prior[j]
-            starts_B[b].append(s)
-            ksem_B[b].append(k)
-            prior_B[b].append(p_bar)
+    rounds = _teacher_rounds(
+        teacher=teacher, tokenizer=tokenizer, audit_cfg=audit_cfg, spec=spec, planned=planned, requests=requests,
+        chunk_texts=chunk_texts, logprobs=logprobs, timings=timings,
+    )
+    failed, tokens_in, tokens_out = rounds.failed, rounds.tokens_in, rounds.tokens_out
+    n_requests, n_rounds = rounds.requests, rounds.rounds
+    samples_B: list[list[int]] | None = [[] for _ in range(B)] if audit_cfg.adaptive_n else None  # n per kept chunk
+    for j, ((b, s), chunk, c0) in enumerate(zip(planned, chunk_texts, char_starts, strict=True)):
+        if rounds.failed_chunk[j]:
+            continue  # never score a chunk on fewer continuations than were asked for
+        scores, p_bar = rounds.scores[j], rounds.prior[j]
+        k = sum(scores)
+        starts_B[b].append(s)
+        ksem_B[b].append(k)
+        prior_B[b].append(p_bar)
+        if samples_B is not None:
             samples_B[b].append(len(scores))
-            if b < record_trajectories:
-                chunk_records[b].append(
-                    {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
-                     "continuations": rounds.continuations[j], "phi_scores": scores, "k_sem": k, "prior_mean": p_bar,
-                     "teacher_samples": len(scores), "posterior_width": rounds.width[j]}
-                )
-    else:
-        t0 = time.perf_counter()
-        results = teacher.continue_prefixes(requests, spec) if requests else []
-        timings["time/teacher_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        phi, prime = phi_by_name(audit_cfg.phi)
-        cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == N else [] for res in results]
-        prime([*chunk_texts, *(t for c in cuts for t in c)])  # one batched embedding pass for a model phi
-        failed = 0
-        tokens_in = tokens_out = 0
-        for (b, s), chunk, c0, res, cut in zip(planned, chunk_texts, char_starts, results, cuts, strict=True):
-            tokens_in += res.prompt_tokens
-            tokens_out += res.completion_tokens
-            if not res.ok or len(res.texts) != N:
-                failed += 1  # never score a chunk on fewer than N samples
-                continue
-            k, scores = k_sem(chunk, cut, phi)
-            p_bar = float(chunk_prior_mean(logprobs[b, s : s + C]))
-            starts_B[b].append(s)
-            ksem_B[b].append(k)
-            prior_B[b].append(p_bar)
-            if b < record_trajectories:
-                chunk_records[b].append(
-                    {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
-                     "continuations": cut, "phi_scores": scores, "k_sem": k, "prior_mean": p_bar}
-                )
-        timings["time/phi_s"] = time.perf_counter() - t0
+        if b < record_trajectories:
+            chunk_records[b].append(
+                {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
+                 "continuations": rounds.continuations[j], "phi_scores": scores, "k_sem": k, "prior_mean": p_bar,
+                 **({"teacher_samples": len(scores), "posterior_width": rounds.width[j]} if samples_B is not None else {})}
+            )
 
     if planned and failed / len(planned) > audit_cfg.max_failed_chunk_frac:
         raise TeacherError(

@@ -146,11 +146,9 @@ class LocalTeacher(Teacher):
             cache=cache, generation_config=gen,
         )
 
-    def _row_cache(self, tokens: list[int], donor: tuple[list, list] | None, shared: int) -> tuple[list, list] | None:
+    def _row_cache(self, tokens: list[int], donor: tuple[list, list] | None, shared: int) -> tuple[list, list]:
         """Per-layer keys and values (1, H, len(tokens), D) of one unpadded row; the first ``shared``
-        positions are sliced from ``donor``, the rest computed. None: a cache layer that cannot be sliced."""
-        from transformers.cache_utils import DynamicLayer
-
+        positions are sliced from ``donor``, the rest computed."""
         device = next(self.model.parameters()).device
         cache = DynamicCache(config=self.model.config)
         if shared:
@@ -160,13 +158,16 @@ class LocalTeacher(Teacher):
             rest = torch.tensor([tokens[shared:]], device=device)
             pos = torch.arange(shared, len(tokens), device=device)[None]
             self.model(input_ids=rest, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return None
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
     def _shared_prefill(self, ids: torch.Tensor, att: torch.Tensor) -> DynamicCache | None:
         """The left-padded cache of ``ids[:, :-1]`` with positions shared across rows (see the module
-        docstring); None when the model's cache cannot be assembled this way."""
+        docstring); None when the model's cache cannot be assembled this way (a layer that is not plain
+        full attention: sliding window, recurrent state), decided before anything is computed."""
+        from transformers.cache_utils import DynamicLayer
+
+        if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=self.model.config).layers):
+            return None
         B, P = ids.shape
         rows = [ids[i, :-1][att[i, :-1].bool()].tolist() for i in range(B)]  # real prompt tokens but the last
         order = sorted(range(B), key=lambda i: -len(rows[i]))
@@ -178,10 +179,7 @@ class LocalTeacher(Teacher):
                 c = _common_prefix(rows[i], rows[j])
                 if c > shared:
                     best, shared = j, c
-            kv = self._row_cache(rows[i], done[best] if best is not None else None, shared)
-            if kv is None:
-                return None
-            done[i] = kv
+            done[i] = self._row_cache(rows[i], done[best] if best is not None else None, shared)
             computed += len(rows[i]) - shared
             reused += shared
         first_k, first_v = done[order[0]]
