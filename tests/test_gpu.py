@@ -91,3 +91,6 @@ def test_lora_omniopd_step_on_cuda(tmp_path):
     state = trainer.setup(_cfg(model_dir, data, tmp_path / "run", lora={"rank": 4, "alpha": 8.0}), overwrite=True)
     row = trainer.train_step(state)
     assert math.isfinite(row["loss/total"]) and row["audit/chunks"] > 0
+    model = state.accelerator.unwrap_model(state.model)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters() if "lora_" not in n)
