@@ -30,7 +30,7 @@ from omniopd.evaluation.code import (
     pass_at_k_by_task,
     sanitize_code,
 )
-from omniopd.evaluation.sandbox import SandboxLimits
+from omniopd.evaluation.verdict import JudgeLimits
 
 try:
     shared_data_dir()
@@ -156,7 +156,7 @@ def test_hostile_completions_fail_and_grading_carries_on():
     hang = "    while True:\n        pass\n"
     grades = grade_many("humaneval", [(he0, hang), (he0, "    import sys\n    sys.exit(0)\n"),
                                       (he0, he0.canonical_solution)], extract=False, max_workers=1,
-                        limits=SandboxLimits(timeout=2.0))
+                        limits=JudgeLimits(candidate_seconds=2.0))
     assert grades[0].status == "timeout"
     assert grades[1].status == "failed"  # sys.exit(0) before check() is not a pass
     assert grades[2].passed
@@ -346,3 +346,27 @@ def test_mean_pass_at_k_and_grouping():
     grades += [CodeGrade("b", False, "failed", "", 0.0)] * 5
     assert pass_at_k_by_task(grades, 1) == pytest.approx(0.2)
     assert pass_at_k_by_task(grades, 2) == pytest.approx(0.35)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusal without isolation.
+
+
+@needs_data
+def test_grading_refuses_without_isolation_unless_asked(monkeypatch, tmp_path, capsys):
+    from omniopd.cli import main
+    from omniopd.evaluation import sandbox
+    from omniopd.evaluation.code import IsolationUnavailable
+
+    monkeypatch.setattr(sandbox, "_probe_result", (False, "switched off by the test"))
+    (he0,) = _tasks("humaneval", ["HumanEval/0"])
+    with pytest.raises(IsolationUnavailable, match="switched off by the test.*--insecure-no-isolation"):
+        grade_many("humaneval", [(he0, he0.canonical_solution)])
+    # the CLI stops before loading a model, with one line and exit status 2
+    assert main(["eval", "--model", "no-such-model", "--data", "humaneval", "--limit", "1",
+                 "--output", str(tmp_path / "he.json")]) == 2
+    err = capsys.readouterr().err
+    assert "isolated sandbox" in err and "--insecure-no-isolation" in err and len(err.strip().splitlines()) == 1
+    # opting out grades without the kernel layers, and says so in each grade
+    (g,) = grade_many("humaneval", [(he0, he0.canonical_solution)], insecure_no_isolation=True)
+    assert g.passed and "no-capabilities" not in g.isolation and "python-guards" in g.isolation

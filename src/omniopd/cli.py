@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--base-url", default=None)
     e.add_argument("--api-key-env", default=None)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--insecure-no-isolation", action="store_true",
+                   help="grade code without the isolated sandbox when it is unavailable (not root, no namespaces): "
+                        "model-written code can then read your files, the answer keys included")
 
     c = sub.add_parser("check-teacher", help="send a few real prefixes to the configured teacher and check what comes back")
     c.add_argument("recipe")
@@ -139,9 +142,13 @@ def _cmd_eval(args) -> int:
     if args.temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0 (got {args.temperature})")
     ks = tuple(sorted(set(args.k or [1, args.n])))
-    from omniopd.evaluation.runner import HFGenerator, TeacherGenerator, evaluate, load_problems
+    from omniopd.evaluation.runner import CODE_BENCHMARKS, HFGenerator, TeacherGenerator, evaluate, load_problems
 
     load_problems(args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field)  # fail fast
+    if args.data.lower() in CODE_BENCHMARKS:
+        from omniopd.evaluation.code import check_isolation
+
+        check_isolation(args.insecure_no_isolation)  # before loading a model and generating
     teacher = None
     if args.api:
         from omniopd.config import build_config
@@ -165,6 +172,7 @@ def _cmd_eval(args) -> int:
             extraction=tuple(r.strip() for r in args.extraction.split(",") if r.strip()),
             question_field=args.question_field, answer_field=args.answer_field,
             records_path=out.with_name(out.stem + "_records.jsonl"), show_progress=not args.no_progress,
+            insecure_no_isolation=args.insecure_no_isolation,
         )
     finally:
         if teacher is not None:

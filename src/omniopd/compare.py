@@ -300,7 +300,8 @@ class Judge:
             p.requires_grad_(False)
         e = self.cfg.eval
         summary = evaluate_model(model, tok, e.data, limit=e.limit, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                 temperature=0.0, records_path=records_path, show_progress=self.progress)
+                                 temperature=0.0, records_path=records_path, show_progress=self.progress,
+                                 insecure_no_isolation=e.insecure_no_isolation)
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
         B = self.cfg.compare.bootstrap_samples
         m: dict[str, Any] = {

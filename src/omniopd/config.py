@@ -165,6 +165,8 @@ class EvalConfig(_Section):
     every_steps: int = Field(0, ge=0)  # also evaluate during training (0: never)
     benchmarks: list[str] = Field(default_factory=list)  # during training; empty: [data]
     best_metric: str | None = None  # e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it
+    # grade code without the isolated sandbox (model-written code can then read files and their answers)
+    insecure_no_isolation: bool = False
 
 
 class LoraConfig(_Section):

@@ -455,6 +455,7 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
         state.accelerator.unwrap_model(state.model), state.tokenizer, benchmark, limit=e.limit,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
         records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=progress,
+        insecure_no_isolation=e.insecure_no_isolation,
     )
     summary["data"] = benchmark
     (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))

