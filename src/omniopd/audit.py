@@ -215,7 +215,8 @@ def run_audit(
         ids = batch.response_ids[b, : lengths[b]].tolist()
         prefix, chunk = prefix_and_chunk_text(tokenizer, ids, s, C)
         ex = examples[b]
-        requests.append(ContinuationRequest(question=ex.question, prefix=prefix, reference=ex.reference, trajectory=b))
+        requests.append(ContinuationRequest(question=ex.question, prefix=prefix, reference=ex.reference, trajectory=b,
+                                            instruction=ex.instruction))
         chunk_texts.append(chunk)
         char_starts.append(len(prefix))
 

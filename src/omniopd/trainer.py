@@ -35,7 +35,7 @@ from omniopd.audit import AuditResult, run_audit
 from omniopd.checkpoint import config_differences, list_checkpoints, load_into, load_trainer_state, save_checkpoint
 from omniopd.config import RunConfig, dump_config
 from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
-from omniopd.data import Example, load_examples
+from omniopd.data import Example, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
 from omniopd.methods import BASELINES, Method, NoTeacher, omniopd_prepare
 from omniopd.models import load_model
@@ -113,7 +113,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     accelerator = Accelerator(cpu=not _has_accelerator_device())  # without one, launched processes join as MULTI_CPU (gloo)
     check_distributed(cfg, accelerator)
     set_seed(cfg.seed, device_specific=True)  # rank r samples with seed + r (rank 0: the one-process stream)
-    train_examples = load_examples(cfg.data.train)
+    train_examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap)
     model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
     if cfg.lora.rank:
         from omniopd.lora import AdapterDisabled, apply_lora
@@ -274,7 +274,7 @@ def preflight(state: TrainState, examples: list[Example]) -> None:
 
 def sample_phase(state: TrainState, examples: list[Example]) -> Rollouts:
     r = state.cfg.rollout
-    prompts = chat_prompts(state.tokenizer, [student_messages(ex.question) for ex in examples])
+    prompts = chat_prompts(state.tokenizer, [student_messages(ex.question, ex.instruction) for ex in examples])
     model = state.accelerator.unwrap_model(state.model)
     return sample_rollouts(
         model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
