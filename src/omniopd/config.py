@@ -230,13 +230,17 @@ class OPDConfig(_Section):
 
 class GRPOConfig(_Section):
     """Group-relative policy gradient (``method: grpo``) with a verifiable reward: 1 if the answer is
-    correct (math-verify against the dataset's final answer), else 0. ``rollout.samples_per_prompt`` is
+    correct (math-verify against the dataset's final answer), else 0; for a code prompt, its unit tests
+    run on the extracted code (``code_reward``). ``rollout.samples_per_prompt`` is
     the group size. With one update per batch p_old = p_theta, the ratio is 1 and ``clip_eps`` does not
     bind (as with TRL's default num_iterations=1); it is kept so a run states it."""
 
     clip_eps: float = Field(0.2, ge=0.0)
     kl_coef: float = Field(0.0, ge=0.0)  # exact KL(p_theta || p_ref) per token; 0: off
     normalize_std: bool = True  # divide advantages by the group's std (DeepSeekMath); False: Dr. GRPO
+    # code prompts (an example with unit tests): the reward is the share of its tests the answer passes
+    # ("fraction", partial credit) or 1 only when all pass ("all"); graded in the isolated sandbox
+    code_reward: Literal["fraction", "all"] = "fraction"
 
 
 class CompareVariant(_Section):
@@ -250,14 +254,27 @@ class CompareVariant(_Section):
 
 class CompareConfig(_Section):
     """``omniopd compare``: every variant trains with the recipe's student, teacher, prompts, steps,
-    batch size and seed, and is evaluated on ``eval.data`` (first ``eval.limit`` problems, greedy)."""
+    batch size and seed, and is evaluated on every benchmark of ``benchmarks`` (default: ``eval.data``),
+    the first ``eval.limit`` problems of each, greedy."""
 
     variants: list[CompareVariant] = Field(default_factory=list)
+    # benchmarks every arm is measured on (math sets, or the code sets humaneval / mbppplus); empty: [eval.data].
+    # The first one's measures also fill the top-level columns; the reverse KL is on eval.data whatever this says.
+    benchmarks: list[str] = Field(default_factory=list)
     kl_rollouts: int = Field(32, ge=0)  # held-out base-student rollouts for the reverse KL to the teacher; 0: skip
     loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
     signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
     bootstrap_samples: int = Field(2000, ge=100)  # for the intervals of token-weighted means
     keep_checkpoints: bool = False  # False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)
+
+    @model_validator(mode="after")
+    def _check_benchmarks(self) -> "CompareConfig":
+        if any(not b.strip() for b in self.benchmarks):
+            raise ValueError("compare.benchmarks: a benchmark name is empty")
+        dup = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})
+        if dup:
+            raise ValueError(f"compare.benchmarks: {dup[0]!r} appears more than once")
+        return self
 
 
 class RunConfig(_Section):

@@ -13,7 +13,8 @@ each slot; the loss math is ``core.baselines`` (pure functions, tested against e
   tokenizer, refused at setup otherwise (``config.OPD_TEACHER_TYPE_ERROR``, ``OPD_TOKENIZER_ERROR``).
   ``opd.estimator``: ``sampled`` (advantage log q - log p, Tinker) or ``full`` (exact KL, GKD).
 - **grpo**: ``rollout.samples_per_prompt`` samples per prompt form a group; the "audit" grades each
-  answer with math-verify (reward 1 if correct) and computes group-relative advantages. One update per
+  answer (math: math-verify, reward 1 if correct; code: the prompt's unit tests in the isolated
+  sandbox, reward the share passed, ``grpo.code_reward``) and computes group-relative advantages. One update per
   batch, so p_old = p_theta (ratio 1). ``grpo.kl_coef`` adds the exact KL(p_theta || p_ref).
 
 Metric keys are shared where they apply: ``loss/total`` for all, ``rollout/*`` for on-policy methods
@@ -337,22 +338,54 @@ def opd_backward(state: "TrainState", batch: SequenceBatch, signal: StepSignal) 
 # ---------------------------------------------------------------------------------------------- grpo
 
 
-def correctness_reward(example: Example, text: str) -> float:
-    """1.0 when the answer extracted from ``text`` equals the example's final answer (math-verify), else 0.0."""
+def correctness_reward(example: Example, text: str, code_reward: str = "fraction",
+                       insecure_no_isolation: bool = False) -> float:
+    """Math: 1.0 when the answer extracted from ``text`` equals the example's final answer (math-verify),
+    else 0.0. Code (an example with unit tests): the share of its tests the extracted code passes
+    (``code_reward="fraction"``), or 1.0 only when all pass (``"all"``), graded as evaluation grades
+    (:func:`omniopd.evaluation.code.grade_tests`: the verdict is decided outside the code's process)."""
+    if example.tests is not None:
+        from omniopd.evaluation.code import grade_tests
+
+        t = example.tests
+        g = grade_tests(text, t.asserts, setup=[*t.imports, t.setup_code], reference=example.reference,
+                        insecure_no_isolation=insecure_no_isolation)
+        return g.fraction if code_reward == "fraction" else float(g.passed)
     from omniopd.evaluation.mathgrade import answers_match, extract_answer
 
     return float(answers_match(example.answer, extract_answer(text).answer))
 
 
+def grpo_prepare(state: "TrainState") -> None:
+    """Code prompts are graded in the isolated sandbox: refuse at setup, not at the first step, when it is
+    unavailable (unless ``eval.insecure_no_isolation``)."""
+    if any(ex.tests is not None for ex in state.stream.examples):
+        from omniopd.evaluation.code import check_isolation
+
+        check_isolation(state.cfg.eval.insecure_no_isolation)
+
+
 def grpo_audit(state: "TrainState", rollouts: Rollouts, examples: list[Example]) -> StepSignal:
-    G = state.cfg.rollout.samples_per_prompt
+    from omniopd.evaluation.sandbox import parallel_map
+
+    G, cfg = state.cfg.rollout.samples_per_prompt, state.cfg
     texts = [state.tokenizer.decode(r, skip_special_tokens=True) for r in _responses(rollouts)]
-    rewards = torch.tensor([correctness_reward(examples[i], t) for i, t in zip(rollouts.example_index, texts, strict=True)])
-    adv = group_advantages(rewards, G, normalize_std=state.cfg.grpo.normalize_std)
+    pairs = list(zip(rollouts.example_index, texts, strict=True))
+
+    def reward(pair: tuple[int, str]) -> float:
+        ex, text = examples[pair[0]], pair[1]
+        if ex.tests is None:
+            return correctness_reward(ex, text)
+        return correctness_reward(ex, text, cfg.grpo.code_reward, cfg.eval.insecure_no_isolation)
+
+    values = parallel_map(reward, pairs)
+    rewards = torch.tensor(values, dtype=torch.float32)
+    adv = group_advantages(rewards, G, normalize_std=cfg.grpo.normalize_std)
     groups = rewards.view(-1, G)
     return StepSignal(
         metrics={
             "rollout/reward_mean": float(rewards.mean()),
+            "rollout/all_correct_frac": float((rewards == 1.0).float().mean()),
             "grpo/groups_with_signal": float((groups != groups[:, :1]).any(-1).float().mean()),
             "teacher/tokens": 0.0,
             "teacher/requests": 0.0,
@@ -401,5 +434,5 @@ BASELINES: dict[str, Method] = {
         teacher_role=lambda cfg: "solutions" if cfg.sft.source == "teacher" else None, on_policy=False,
     ),
     "opd": Method(backward=opd_backward, audit=opd_audit, prepare=opd_prepare, teacher_role=lambda cfg: "logits"),
-    "grpo": Method(backward=grpo_backward, audit=grpo_audit, teacher_role=lambda cfg: None),
+    "grpo": Method(backward=grpo_backward, audit=grpo_audit, prepare=grpo_prepare, teacher_role=lambda cfg: None),
 }

@@ -11,7 +11,8 @@ Two kinds of payload:
 * ``asserts`` (HumanEval, MBPP): the trusted ``setup`` code (HumanEval's prompt, for its helper
   functions, and its ``test``) runs first; then the entry point's name is bound to a proxy of the
   candidate and each ``tests`` statement runs (``check(entry_point)``, or MBPP's ``assert`` lines).
-  The first exception fails the run, as in the official harness.
+  The first exception fails the run, as in the official harness; with ``count`` every statement runs
+  and the verdict also says how many passed (a reward's partial credit).
 * ``differential`` (MBPP+, as EvalPlus): the reference solution runs on every base and plus input
   (timed: each input's limit is ``max(min_time_limit, time_factor * reference time)``; the whole
   candidate budget ``min(60, sum of limits) + 1`` seconds, plus the allowances below, is sent to the
@@ -111,21 +112,32 @@ def run_asserts(payload, candidate):
             return {"passed": False, "status": "error",
                     "detail": "the test setup failed: %s: %s" % (type(exc).__name__, short(exc))}
     namespace[payload["entry_point"]] = candidate
-    for index, code in enumerate(payload["tests"]):
+    tests, first_failure, passed = payload["tests"], None, 0
+    for index, code in enumerate(tests):
+        failure = None
         try:
             exec(compiled(code, "<test-%d>" % index), namespace)
         except CandidateRaised as exc:
-            return {"passed": False, "status": "failed", "detail": "the program raised %s" % exc, "test": index}
+            failure = {"detail": "the program raised %s" % exc}
         except AssertionError as exc:
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith("<")]
             where = frames[-1] if frames else None
             line = (where.line or "") if where else ""
-            return {"passed": False, "status": "failed", "test": index,
-                    "detail": "AssertionError: %s%s" % (line.strip()[:300], (" (%s)" % exc) if str(exc) else "")}
+            failure = {"detail": "AssertionError: %s%s" % (line.strip()[:300], (" (%s)" % exc) if str(exc) else "")}
         except BaseException as exc:
-            return {"passed": False, "status": "failed", "test": index,
-                    "detail": "the test raised %s: %s" % (type(exc).__name__, short(exc))}
-    return {"passed": True, "status": "passed", "detail": "", "calls": candidate.calls}
+            failure = {"detail": "the test raised %s: %s" % (type(exc).__name__, short(exc))}
+        if failure is None:
+            passed += 1
+            continue
+        failure.update({"passed": False, "status": "failed", "test": index})
+        first_failure = first_failure or failure
+        if not payload.get("count"):  # the official harness stops at the first failure
+            break
+    counts = {"tests_passed": passed, "tests_total": len(tests), "calls": candidate.calls}
+    if first_failure is not None:
+        first_failure.update(counts)
+        return first_failure
+    return dict({"passed": True, "status": "passed", "detail": ""}, **counts)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -80,6 +80,9 @@ __all__ = [
     "pass_at_k",
     "pass_at_k_by_task",
     "sanitize_code",
+    "grade_tests",
+    "function_under_test",
+    "AssertsGrade",
 ]
 
 BENCHMARKS = ("humaneval", "mbppplus")
@@ -518,6 +521,69 @@ def grade_many(benchmark: str, items: Iterable[tuple[CodeTask | str, str]], *, e
     return parallel_map(lambda pair: grade_code(bench, pair[0], pair[1], extract=extract, limits=limits,
                                                 insecure_no_isolation=insecure_no_isolation),
                         pairs, max_workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Unit tests of a training prompt (MBPP's asserts): the reward of GRPO on code.
+
+# The candidate's whole budget for a prompt's tests (as HumanEval's program), and the judge's backstop.
+TESTS_LIMITS = JudgeLimits(candidate_seconds=HUMANEVAL_SECONDS, judge_seconds=30.0,
+                           candidate=SandboxLimits(timeout=30.0, memory_mb=1024),
+                           judge=SandboxLimits(timeout=30.0, memory_mb=1024))
+
+
+@dataclass(frozen=True)
+class AssertsGrade:
+    passed: bool  # every test passed
+    tests_passed: int
+    tests_total: int
+    status: str
+    detail: str
+    seconds: float
+
+    @property
+    def fraction(self) -> float:
+        return self.tests_passed / self.tests_total if self.tests_total else 0.0
+
+
+def function_under_test(asserts: Sequence[str], reference: str | None = None) -> str | None:
+    """The function the asserts test: the name called most often in them that is not a builtin (among
+    the functions ``reference`` defines, when it is given)."""
+    import builtins
+
+    defined = None
+    if reference and _parses(reference):
+        defined = {n.name for n in ast.walk(ast.parse(reference)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    counts: dict[str, int] = {}
+    for line in asserts:
+        if not _parses(line):
+            continue
+        for node in ast.walk(ast.parse(line)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                name = node.func.id
+                if not hasattr(builtins, name) and (defined is None or name in defined):
+                    counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def grade_tests(answer: str, asserts: Sequence[str], *, setup: Sequence[str] = (), entry_point: str | None = None,
+                reference: str | None = None, extract: bool = True, limits: JudgeLimits | None = None,
+                insecure_no_isolation: bool = False) -> AssertsGrade:
+    """Run a prompt's unit tests (``asserts``, after the ``setup`` statements) on a model's answer, every
+    test even after a failure, with the verdict decided as for HumanEval (the judge holds the tests)."""
+    check_isolation(insecure_no_isolation)
+    entry = entry_point or function_under_test(asserts, reference)
+    if entry is None:
+        return AssertsGrade(False, 0, len(asserts), "error", "the tests call no function to test", 0.0)
+    code = extract_code(answer, entry) if extract else answer
+    lim = limits or TESTS_LIMITS
+    if insecure_no_isolation:
+        lim = _unisolated(lim)
+    payload = {"kind": "asserts", "entry_point": entry, "setup": [s for s in setup if s.strip()],
+               "tests": list(asserts), "count": True}
+    v = judge_run(payload, code, entry, lim)
+    done = int(v.info.get("tests_passed", 0)) if v.status in ("passed", "failed") else 0
+    return AssertsGrade(v.passed, done, len(asserts), v.status, v.detail, v.seconds)
 
 
 # --------------------------------------------------------------------------------------------------

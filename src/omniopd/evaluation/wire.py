@@ -7,7 +7,8 @@ library.
 
 **Values.** :func:`encode` turns a value into JSON-compatible data that says its type:
 ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``bytearray``, ``complex``, ``list``,
-``tuple``, ``dict``, ``set`` and ``frozenset`` (nested up to :data:`MAX_DEPTH`). Subclasses of these
+``tuple``, ``dict``, ``set`` and ``frozenset`` (nested up to :data:`MAX_DEPTH`), and those builtin types
+themselves (``int`` as a value). Subclasses of these
 are encoded as their base type through the base type's own methods, so a subclass's ``__eq__``,
 ``__iter__`` or ``__repr__`` never survives the trip (a ``namedtuple`` arrives as a ``tuple``, a
 ``Counter`` as a ``dict``, an ``int`` subclass as its integer value). numpy scalars and arrays are
@@ -28,6 +29,9 @@ import struct
 MAX_DEPTH = 100  # nesting limit of an encoded value
 MAX_MESSAGE_BYTES = 1 << 30  # a larger frame is a protocol error
 _SAFE_INT = 1 << 53  # larger integers travel as hex text (no digit limit, exact)
+# builtin types that travel by name (a test may pass ``int`` as an argument, as MBPP's remove_datatype does)
+_TYPES = {t.__name__: t for t in (int, float, complex, str, bytes, bytearray, bool, list, tuple, dict, set,
+                                   frozenset, type(None))}
 
 
 class Unsupported(TypeError):
@@ -69,6 +73,8 @@ def encode(value, depth: int = 0):
         return {"bytearray": bytes(value).hex()}
     if isinstance(value, bytes):
         return {"bytes": bytes.hex(value)}
+    if isinstance(value, type) and _TYPES.get(value.__name__) is value:
+        return {"type": value.__name__}
     module = getattr(type(value), "__module__", "") or ""
     if module.split(".")[0] == "numpy" and hasattr(value, "tolist"):
         return encode(value.tolist(), d)
@@ -107,9 +113,11 @@ def decode(data, depth: int = 0):
             return bytes.fromhex(body)
         if tag == "bytearray":
             return bytearray.fromhex(body)
+        if tag == "type":
+            return _TYPES[body]
     except ProtocolError:
         raise
-    except (TypeError, ValueError, AttributeError) as exc:  # unhashable set items, bad hex, wrong shapes
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # unhashable set items, bad hex, wrong shapes
         raise ProtocolError(f"malformed {tag} value: {exc}") from None
     raise ProtocolError(f"unknown value tag {tag!r}")
 
