@@ -12,7 +12,14 @@ exactly as training would (same anchors, C, N, teacher sampling) -- it compares,
   (``teacher.type: local`` on the same model; for an API teacher ``teacher.privileged: false``), with the
   same anchors and the same random seeds (common random numbers: a model whose next-token distribution
   hardly depends on the prompt, like a tiny random one, then writes the very same continuations); plus
-  the Pearson correlation of the two k_sem per chunk.
+  the Pearson correlation of the two k_sem per chunk;
+- **student self** control (a teacher that is another model than the student): N continuations of the
+  same prefixes written by the student itself (its own prompt, the same sampling and seeds). Where the
+  teacher's k_sem tracks the student's own k_sem chunk by chunk (a high correlation), k_sem mostly says
+  how typical a chunk is for any model, not what the stronger teacher knows. Reported: the student's
+  k_sem, teacher minus self, their correlation, and the *relative* score k_teacher - k_self against the
+  same difference scored on the shuffled partner chunk (does "the teacher agrees more than the student
+  agrees with itself" point at this chunk rather than any chunk?).
 
 Each mean comes with its standard error (sd / sqrt(#chunks)); the comparisons use paired per-chunk
 differences. Verdict: when teacher minus shuffled is within 2 standard errors (or below), the report says
@@ -128,6 +135,34 @@ def _verdict(phi: str, N: int, r: dict, privileged: bool) -> list[str]:
     return lines
 
 
+def _self_teacher(cfg: RunConfig, model, tok):
+    """The student writing continuations of its own prefixes, or None when the teacher is the student."""
+    t = cfg.teacher
+    if t.type in ("local", "privileged") and t.model in (None, cfg.student.name):
+        return None
+    from omniopd.teachers.local import LocalTeacher
+
+    return LocalTeacher(model, tok, cfg.student.name, privileged=False, batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
+
+
+def _self_verdict(phi: str, N: int, r: dict, have_self: bool) -> list[str]:
+    if not have_self:
+        return []
+    d, se, corr = r["relative_minus_shuffled"], r["relative_minus_shuffled_se"], r["pearson_teacher_self"]
+    corr_text = "n/a" if corr is None else f"{corr:.2f}"
+    head = (f"phi={phi}: the student's own continuations score {r['self_k_sem']:.3f} of N={N} against the teacher's "
+            f"{r['teacher_k_sem']:.3f} (teacher minus self {r['teacher_minus_self']:+.3f}; per-chunk correlation {corr_text})"
+            if r["self_k_sem"] is not None else f"phi={phi}: no chunk with the student's own continuations")
+    if d is None or se is None:
+        return [head + "; too few chunks to judge the relative score"]
+    if d <= 2 * se:
+        return [head + f"; the relative score (teacher minus self) does not point at its own chunk more than at another "
+                       f"trajectory's ({d:+.3f}, 2 standard errors {2 * se:.3f})."]
+    return [head + f"; the relative score (teacher minus self) points at its own chunk more than at another trajectory's "
+                   f"by {d:+.3f} (2 standard errors {2 * se:.3f}): where the teacher agrees more than the student agrees "
+                   "with itself is specific to the chunk."]
+
+
 def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = None) -> dict:
     """k_sem of the teacher vs the shuffled and no-privilege controls, for every phi in ``phis``."""
     if steps < 1:
@@ -140,6 +175,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
         p.requires_grad_(False)
     teacher = build_teacher(cfg, student=model, student_tokenizer=tok)
     control = _control_teacher(cfg, teacher)
+    self_teacher = _self_teacher(cfg, model, tok)
     from omniopd.trainer import PromptStream
 
     stream = PromptStream(load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
@@ -147,6 +183,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     audit_cfg = cfg.audit.model_copy(update={"phi": "ned", "adaptive_n": False})
     chunks: list[dict] = []
     ctrl_by_key: dict[tuple, list[str]] = {}
+    self_by_key: dict[tuple, list[str]] = {}
     r = cfg.rollout
     try:
         for step in range(steps):
@@ -163,17 +200,22 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
             if control is not None:
                 for ch in _chunks(run_audit(teacher=control, **common), step):
                     ctrl_by_key[ch["key"]] = ch["continuations"]
+            if self_teacher is not None:
+                for ch in _chunks(run_audit(teacher=self_teacher, **common), step):
+                    self_by_key[ch["key"]] = ch["continuations"]
     finally:
         teacher.close()
-        if control is not None:
-            control.close()
+        for extra in (control, self_teacher):
+            if extra is not None:
+                extra.close()
 
     N = cfg.audit.teacher_samples
     keys = [c["key"] for c in chunks]
     partners = _shuffled_partner(keys)
     results = {}
     for name, (phi, prime) in resolved.items():
-        prime([t for c in chunks for t in (c["student"], *c["continuations"])] + [t for v in ctrl_by_key.values() for t in v])
+        prime([t for c in chunks for t in (c["student"], *c["continuations"])]
+              + [t for d in (ctrl_by_key, self_by_key) for v in d.values() for t in v])
         k_t = [sum(phi(c["student"], x) for x in c["continuations"]) for c in chunks]
         pairs = [(j, p) for j, p in enumerate(partners) if p is not None]
         k_s = [sum(phi(chunks[p]["student"], x) for x in chunks[j]["continuations"]) for j, p in pairs]
@@ -186,15 +228,30 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
                           ("teacher_minus_shuffled", d_s), ("teacher_minus_no_privilege", d_np)):
             res[label], res[label + "_se"] = _mean_se(xs)
         res["pearson_teacher_no_privilege"] = _pearson([k_t[j] for j in both], k_np)
+        # the student's own continuations: the same chunk, and the shuffled partner chunk
+        own = [(j, p) for j, p in enumerate(partners) if chunks[j]["key"] in self_by_key]
+        k_self = [sum(phi(chunks[j]["student"], x) for x in self_by_key[chunks[j]["key"]]) for j, _ in own]
+        rel = [k_t[j] - ks for (j, _), ks in zip(own, k_self, strict=True)]
+        rel_shuffled = [
+            sum(phi(chunks[p]["student"], x) for x in chunks[j]["continuations"])
+            - sum(phi(chunks[p]["student"], x) for x in self_by_key[chunks[j]["key"]])
+            for j, p in own if p is not None
+        ]
+        rel_paired = [rel[i] - rs for i, rs in zip([i for i, (_, p) in enumerate(own) if p is not None], rel_shuffled, strict=True)]
+        for label, xs in (("self_k_sem", k_self), ("teacher_minus_self", rel), ("relative_shuffled", rel_shuffled),
+                          ("relative_minus_shuffled", rel_paired)):
+            res[label], res[label + "_se"] = _mean_se(xs)
+        res["pearson_teacher_self"] = _pearson([k_t[j] for j, _ in own], k_self)
         res["no_teacher_information"] = (
             None if res["teacher_minus_shuffled"] is None or res["teacher_minus_shuffled_se"] is None
             else res["teacher_minus_shuffled"] <= 2 * res["teacher_minus_shuffled_se"]
         )
-        res["verdict"] = _verdict(name, N, res, control is not None)
+        res["verdict"] = _verdict(name, N, res, control is not None) + _self_verdict(name, N, res, bool(self_by_key))
         results[name] = res
     return {
         "teacher": teacher.name,
         "control_teacher": control.name if control is not None else None,
+        "self_teacher": self_teacher.name if self_teacher is not None else None,
         "steps": steps,
         "trajectories": steps * cfg.optim.prompts_per_step * cfg.rollout.samples_per_prompt,
         "chunk_tokens": cfg.audit.chunk_tokens,
@@ -210,6 +267,7 @@ def format_signal(report: dict) -> str:
         return f"{x:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
     lines = [f"signal check: teacher {report['teacher']}, control {report['control_teacher'] or 'none (not a privileged teacher)'}, "
+             f"student self {report.get('self_teacher') or 'none (the teacher is the student)'}, "
              f"{report['trajectories']} trajectories, C={report['chunk_tokens']}, N={report['teacher_samples']} (k_sem mean ± standard error)"]
     for name, r in report["phis"].items():
         lines.append(
@@ -217,5 +275,11 @@ def format_signal(report: dict) -> str:
             f"shuffled {f(r['shuffled_k_sem'], r['shuffled_k_sem_se'])}  no-privilege {f(r['no_privilege_k_sem'], r['no_privilege_k_sem_se'])}  "
             f"r(teacher, no-privilege) {f(r['pearson_teacher_no_privilege'])}"
         )
+        if r.get("self_k_sem") is not None:
+            lines.append(
+                f"  phi={name}: student self {f(r['self_k_sem'], r['self_k_sem_se'])}  teacher - self "
+                f"{f(r['teacher_minus_self'], r['teacher_minus_self_se'])}  r(teacher, self) {f(r['pearson_teacher_self'])}  "
+                f"relative - shuffled {f(r['relative_minus_shuffled'], r['relative_minus_shuffled_se'])}"
+            )
         lines += [f"  {v}" for v in r["verdict"]]
     return "\n".join(lines)
