@@ -43,6 +43,14 @@ def test_loop_and_stop_definitions():
     assert measures.clean_reference("48/2 = <<48/2=24>>24 clips\n#### 24") == "48/2 = 24 clips\n#### 24"
 
 
+def test_code_measure_definitions():
+    assert measures.valid_python("def f(x):\n    return x\n") and not measures.valid_python("   \n")
+    assert not measures.valid_python("    return x\n")  # a HumanEval body continuation does not parse on its own
+    assert measures.defines_entry_point("import math\n\ndef f(x):\n    return x\n", "f")
+    assert not measures.defines_entry_point("def g(x):\n    return x\n", "f") and not measures.defines_entry_point("", "f")
+    assert measures.defines_entry_point("def f(x):\n    return (\n", "f")  # does not parse, but defines it
+
+
 def test_paired_difference_and_intervals():
     d = measures.paired_difference([True, True, False, False], [False, True, False, False])
     assert d["value"] == pytest.approx(0.25) and d["lo"] < 0.25 < d["hi"]
@@ -61,9 +69,11 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
     from omniopd.compare import run_compare
 
     monkeypatch.setenv("OMNIOPD_CACHE", str(tmp_path / "cache"))
-    tdir = tmp_path / "other-teacher"  # another tokenizer: white-box OPD must refuse it at setup
-    tok = char_tokenizer(extra_chars="äöüßé")
-    tiny_llama(vocab_size=len(tok), hidden=48, seed=7).save_pretrained(tdir)
+    # the student's tokenizer but an output head of other size: white-box OPD must refuse it at setup (a teacher
+    # with another tokenizer is not trained at all: test_compare_on_several_benchmarks_with_code)
+    tdir = tmp_path / "other-teacher"
+    tok = char_tokenizer()
+    tiny_llama(vocab_size=len(tok) + 8, hidden=48, seed=7).save_pretrained(tdir)
     tok.save_pretrained(tdir)
     out = tmp_path / "cmp"
     recipe = _base_recipe(tiny_model_dir, gsm8k_like, out)
@@ -215,3 +225,144 @@ def test_saved_config_is_read_through_the_current_schema(tmp_path):
     saved["audit"]["chunk_tokens"] = 9  # a real difference is still one
     path.write_text(yaml.safe_dump(saved))
     assert not _same_config(path, cfg)
+
+
+# ---------------------------------------------------------------- several benchmarks, code, not-applicable arms
+
+
+def _other_tokenizer_teacher(path):
+    """A tiny teacher whose tokenizer is not the student's (five more characters)."""
+    tok = char_tokenizer(extra_chars="äöüßé")
+    tiny_llama(vocab_size=len(tok), hidden=48, seed=7).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_compare_on_several_benchmarks_with_code(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
+    import json
+
+    from omniopd.compare import NOT_APPLICABLE_OPD, run_compare
+
+    monkeypatch.setenv("OMNIOPD_CACHE", str(tmp_path / "cache"))
+    tdir = _other_tokenizer_teacher(tmp_path / "other-teacher")
+    out = tmp_path / "cmp"
+    recipe = _base_recipe(tiny_model_dir, gsm8k_like, out)
+    recipe["max_steps"] = 1
+    recipe["compare"] = {
+        "benchmarks": [str(gsm8k_like), "humaneval", "mbppplus"], "kl_rollouts": 2, "signal_steps": 0, "bootstrap_samples": 200,
+        "variants": [
+            {"name": "base", "method": "base"},
+            {"name": "sft-ref", "method": "sft", "overrides": {"sft.source": "reference"}},
+            {"name": "opd-other-tok", "method": "opd", "overrides": {"teacher.type": "local", "teacher.model": str(tdir)}},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_compare(path, [], progress=False)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["base"]["status"] == "ok (no training)" and rows["sft-ref"]["status"] == "ok"
+    # white-box OPD with another tokenizer: a row that says so, not trained, not measured, not a failure
+    na = rows["opd-other-tok"]
+    assert na["status"] == NOT_APPLICABLE_OPD and na["measures"] is None and na["diffs"] is None
+    assert not (out / "runs" / "opd-other-tok").exists() and not (out / "logs" / "opd-other-tok.log").exists()
+
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["benchmarks"] == [str(gsm8k_like), "humaneval", "mbppplus"]
+    by = {r["name"]: r for r in saved["rows"]}
+    for name in ("base", "sft-ref"):
+        m = by[name]["measures"]
+        assert set(m["benchmarks"]) == {str(gsm8k_like), "humaneval", "mbppplus"}
+        math, code, mbpp = m["benchmarks"][str(gsm8k_like)], m["benchmarks"]["humaneval"], m["benchmarks"]["mbppplus"]
+        assert m["accuracy"] == math["accuracy"] and m["correct"] == math["correct"]  # the first benchmark, also at the top
+        assert math["accuracy"]["n"] == 3 and code["accuracy"]["n"] == 3 and len(code["correct"]) == 3
+        for key in ("answered_stopped", "final_answer", "loops", "very_short"):
+            assert 0.0 <= math[key]["value"] <= 1.0, key
+        for key in ("accuracy", "valid_syntax", "defines_entry_point", "length_limit"):
+            assert 0.0 <= code[key]["lo"] <= code[key]["value"] <= code[key]["hi"] <= 1.0, key
+        assert "base_accuracy" not in code and 0.0 <= mbpp["base_accuracy"]["value"] <= 1.0  # MBPP+ only
+        assert mbpp["accuracy"]["n"] == 3 and mbpp["ref_loglik"]["value"] < 0
+        assert code["mean_length"]["value"] > 0 and code["ref_loglik"]["value"] < 0 and code["ref_loglik"]["n"] == 3
+        assert m["reverse_kl"]["value"] > 0  # one per arm, on eval.data
+        assert (out / "eval" / f"{name}_humaneval_predictions.jsonl").is_file()
+        assert (out / "eval" / f"{name}_predictions.jsonl").is_file()  # eval.data: the single-benchmark path
+    diffs = by["sft-ref"]["diffs"]
+    assert set(diffs) == {str(gsm8k_like), "humaneval", "mbppplus"} and by["sft-ref"]["diff"] == diffs[str(gsm8k_like)]
+    for d in diffs.values():
+        assert d["n"] == 3 and d["lo"] <= d["value"] <= d["hi"]
+
+    with (out / "comparison.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    for col in ("train_accuracy", "train_diff_vs_base", "train_ref_loglik", "train_loops", "humaneval_accuracy", "humaneval_accuracy_lo",
+                "humaneval_diff_vs_base", "humaneval_valid_syntax", "humaneval_defines_entry_point", "humaneval_length_limit",
+                "humaneval_mean_length", "humaneval_ref_loglik", "mbppplus_accuracy", "mbppplus_base_accuracy", "reverse_kl",
+                "eval_wall_s"):
+        assert col in table[0], col
+    assert "accuracy" not in table[0] and "train_reverse_kl" not in table[0] and "humaneval_base_accuracy" not in table[0]
+    assert [r["status"] for r in table][2] == NOT_APPLICABLE_OPD and table[2]["humaneval_accuracy"] == ""
+    md = (out / "comparison.md").read_text()
+    assert "train accuracy [95% CI]" in md and "humaneval accuracy [95% CI]" in md and "humaneval Δ vs base" in md
+    assert "## Continuous measures on `humaneval`" in md and "valid Python" in md and "canonical log-lik/token" in md
+    assert "mbppplus accuracy [95% CI]" in md and "MBPP base tests pass@1" in md
+    assert NOT_APPLICABLE_OPD in md and "## Failed arms" not in md and "**not applicable**" in md
+    assert (out / "comparison.png").is_file()
+
+
+def test_white_box_opd_with_another_tokenizer_is_not_applicable(tiny_model_dir, gsm8k_like, tmp_path):
+    from omniopd.compare import NOT_APPLICABLE_OPD, not_applicable, teacher_tokenizer_differs
+
+    tdir = _other_tokenizer_teacher(tmp_path / "other-teacher")
+    recipe = _base_recipe(tiny_model_dir, gsm8k_like, tmp_path / "run")
+    other = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tdir)}})
+    assert teacher_tokenizer_differs(other) and not_applicable(other) == NOT_APPLICABLE_OPD
+    same = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tiny_model_dir)}})
+    assert not teacher_tokenizer_differs(same) and not_applicable(same) is None
+    assert not_applicable(build_config({**recipe, "method": "omniopd", "teacher": {"type": "local", "model": str(tdir)}})) is None
+    assert not_applicable(build_config({**recipe, "method": "opd"})) is None  # the privileged student
+    assert not_applicable(None) is None  # base
+    missing = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tmp_path / "nowhere")}})
+    assert not_applicable(missing) is None  # left to the training run, which reports it
+    # the reverse KL column says why it is empty, and no rollouts are sampled for it
+    from omniopd.compare import Judge
+
+    judge = Judge(build_config({**recipe, "teacher": {"type": "local", "model": str(tdir)}}), tmp_path / "cmp", progress=False)
+    judge.prepare_kl_rollouts()
+    assert judge.kl_note == "n/a: the teacher's tokenizer differs from the student's" and judge.kl_rollouts == []
+    assert not (tmp_path / "cmp" / "kl_rollouts.jsonl").exists()
+
+
+def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
+    """A measures file written before there were several benchmarks (no "benchmarks") is the eval.data
+    benchmark's, and listing eval.data in compare.benchmarks does not change the cache key."""
+    import json
+
+    import omniopd.evaluation.runner as runner
+    import omniopd.models as models
+    from omniopd.compare import Judge, _benchmark_labels
+
+    recipe = _base_recipe(tiny_model_dir, gsm8k_like, tmp_path / "cmp")
+    recipe["compare"] = {"kl_rollouts": 0, "variants": [{"name": "base", "method": "base"}]}
+    cfg = build_config(recipe)
+    judge = Judge(cfg, tmp_path / "cmp", progress=False)
+    explicit = Judge(build_config({**recipe, "compare": {**recipe["compare"], "benchmarks": [str(gsm8k_like)]}}), tmp_path / "cmp", False)
+    assert judge.benchmarks == [str(gsm8k_like)] and not judge.multi and explicit.spec_key == judge.spec_key
+    share = {"value": 0.5, "lo": 0.1, "hi": 0.9, "n": 3}
+    old = {"accuracy": {"value": 1 / 3, "lo": 0.06, "hi": 0.79, "n": 3}, "correct": [True, False, False], "final_answer": share,
+           "answered_stopped": share, "loops": share, "length_limit": share, "very_short": share, "mean_length": share,
+           "ref_loglik": {"value": -3.0, "lo": -3.5, "hi": -2.5, "n": 3}, "reverse_kl": {"value": None, "n": 0, "note": "n/a"},
+           "eval_wall_s": 12.0}
+    cache = tmp_path / "cmp" / "measures" / "base.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"key": judge.cache_key(str(tiny_model_dir)), "measures": old}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(runner, "evaluate_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+    m = judge.measure("base", str(tiny_model_dir))
+    assert set(m["benchmarks"]) == {str(gsm8k_like)} and m["benchmarks"][str(gsm8k_like)]["accuracy"] == old["accuracy"]
+    for key in ("accuracy", "correct", "final_answer", "loops", "ref_loglik", "reverse_kl", "eval_wall_s"):
+        assert m[key] == old[key], key
+    assert explicit.measure("base", str(tiny_model_dir))["accuracy"] == old["accuracy"]
+    assert _benchmark_labels(["gsm8k-dev", "/a/train.jsonl", "/b/train.jsonl.gz", "humaneval"]) == {
+        "gsm8k-dev": "gsm8k-dev", "/a/train.jsonl": "train", "/b/train.jsonl.gz": "train-2", "humaneval": "humaneval"}

@@ -11,6 +11,14 @@ Definitions (used by ``omniopd compare`` and stated in its tables):
   copies of one string of at most 40 characters fill the tail.
 - **very short**: at most 10 response tokens (EOS included).
 
+Code benchmarks (HumanEval, MBPP+), on the code the grader extracted from each answer:
+
+- **valid Python**: the code is non-empty and ``ast.parse`` accepts it on its own (an answer that only
+  continues the HumanEval prompt's body, without the ``def`` line, does not parse on its own and
+  counts as not valid).
+- **defines the entry point**: the code defines the task's function at top level (``def name(``,
+  ``class name`` or ``name = ...``; for code that does not parse, a ``def name(`` line).
+
 Intervals, all 95%: a share uses the Wilson score interval; a mean (length, per-token
 log-likelihood, per-token KL) uses a percentile bootstrap over problems (or rollouts), resampling
 whole problems so a token-weighted mean keeps its weighting; the difference of two methods'
@@ -21,6 +29,7 @@ changed its verdict).
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from typing import Sequence
@@ -61,6 +70,22 @@ def loops(text: str) -> bool:
 
 def is_short(tokens: int) -> bool:
     return tokens <= SHORT_TOKENS
+
+
+def valid_python(code: str) -> bool:
+    if not code.strip():
+        return False
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def defines_entry_point(code: str, entry_point: str) -> bool:
+    from omniopd.evaluation.code import _defines
+
+    return bool(code.strip()) and _defines(code, entry_point)
 
 
 def share(flags: Sequence[bool]) -> dict:
