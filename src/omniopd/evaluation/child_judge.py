@@ -23,7 +23,10 @@ Two kinds of payload:
   whether it is not None, which is all that oracle compares). Grading stops at the first failing input; ``base_passed`` says whether
   every original MBPP input passed. An expected output whose ``repr`` is over 4 MB and that holds only
   lists, tuples, strings, integers, booleans and None is compared by the SHA-256 of its ``repr``
-  (exact equality of such values; the candidate computes the digest of its own output).
+  (exact equality of such values; the candidate computes the digest of its own output). The expected
+  outputs, their forms and the time limits are sent back to the parent once (when they are under 16 MB
+  as JSON), which passes them in later runs of the same task instead of running the reference again,
+  as EvalPlus caches its ground truth.
 
 Each call's time limit includes an allowance for moving the value across the process boundary:
 twice the time the judge took to serialise the expected output, plus 50 ms.
@@ -268,28 +271,51 @@ def _expected_form(entry, value, wire):
     return "value", value, time.perf_counter() - start
 
 
+_CACHE_MAX_CHARS = 16 << 20  # expected outputs larger than this (as JSON) are not sent back for caching
+
+
+def _reference_rows(payload, splits, wire, channel):
+    """The expected outputs: from the payload when the parent cached them from an earlier run of the
+    same task, else computed (and offered to the parent for the next runs when they are small)."""
+    entry = payload["entry_point"]
+    if payload.get("expected") is not None:
+        return {split: [(form, wire.decode(v) if form == "value" else v, limit, call_limit)
+                        for form, v, limit, call_limit in payload["expected"][split]] for split, _ in splits}
+    namespace = {"__name__": "__reference__"}
+    exec(compile(payload["reference"], "<reference>", "exec"), namespace)
+    reference = namespace[entry]
+    expected = {}
+    for split, inputs in splits:
+        rows = []
+        for inp in inputs:
+            start = time.perf_counter()
+            out = reference(*copy.deepcopy(inp))
+            seconds = time.perf_counter() - start
+            if entry in _NOT_NONE:
+                out = out is not None
+            form, value, serialise = _expected_form(entry, out, wire)
+            del out
+            limit = max(payload["min_time_limit"], payload["time_factor"] * seconds)
+            rows.append((form, value, limit, limit + 2 * serialise + 0.05))
+        expected[split] = rows
+    try:
+        import json
+
+        encoded = {split: [[form, wire.encode(v) if form == "value" else v, limit, call_limit]
+                           for form, v, limit, call_limit in rows] for split, rows in expected.items()}
+        if len(json.dumps(encoded)) <= _CACHE_MAX_CHARS:
+            channel.send({"op": "reference", "rows": encoded})
+    except wire.Unsupported:
+        pass
+    return expected
+
+
 def run_differential(payload, candidate, channel, wire):
     entry, atol = payload["entry_point"], payload["atol"]
     kind = payload["deserialize"]
     splits = [("base", deserialize(kind, payload["base_input"])), ("plus", deserialize(kind, payload["plus_input"]))]
-    namespace = {"__name__": "__reference__"}
     try:
-        exec(compile(payload["reference"], "<reference>", "exec"), namespace)
-        reference = namespace[entry]
-        expected = {}
-        for split, inputs in splits:
-            rows = []
-            for inp in inputs:
-                start = time.perf_counter()
-                out = reference(*copy.deepcopy(inp))
-                seconds = time.perf_counter() - start
-                if entry in _NOT_NONE:
-                    out = out is not None
-                form, value, serialise = _expected_form(entry, out, wire)
-                del out
-                limit = max(payload["min_time_limit"], payload["time_factor"] * seconds)
-                rows.append((form, value, limit, limit + 2 * serialise + 0.05))
-            expected[split] = rows
+        expected = _reference_rows(payload, splits, wire, channel)
     except BaseException as exc:
         return {"passed": False, "base_passed": False, "status": "error",
                 "detail": "the reference solution failed: %s: %s" % (type(exc).__name__, short(exc))}

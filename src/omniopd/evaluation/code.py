@@ -44,6 +44,8 @@ listed in ``docs/GRADING.md``. Grading refuses to run when the isolated sandbox 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -480,6 +482,11 @@ def _unisolated(limits: JudgeLimits) -> JudgeLimits:
                    judge=replace(limits.judge, isolate=False))
 
 
+# MBPP+ expected outputs and time limits per task (keyed by the judge's payload), measured once per
+# process by the judge's first run of the task and reused by later runs, as EvalPlus caches its ground truth
+_EXPECTED: dict[str, dict] = {}
+
+
 def check_isolation(insecure_no_isolation: bool = False) -> None:
     """Refuse to grade (:class:`~omniopd.evaluation.sandbox.IsolationUnavailable`, with the reason and
     the way out) when kernel isolation cannot be set up, unless the caller opted out of it."""
@@ -503,7 +510,13 @@ def grade_code(benchmark: str, task: CodeTask | str, completion: str, *, extract
     lim = limits or DEFAULT_LIMITS[bench]
     if insecure_no_isolation:
         lim = _unisolated(lim)
-    v = judge_run(judge_payload(t), candidate_program(t, code, sanitize=extract), t.entry_point, lim)
+    payload = judge_payload(t)
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
+    if bench == "mbppplus" and key in _EXPECTED:
+        payload["expected"] = _EXPECTED[key]
+    v = judge_run(payload, candidate_program(t, code, sanitize=extract), t.entry_point, lim)
+    if v.reference is not None and "expected" not in payload:
+        _EXPECTED[key] = v.reference
     base = None
     if bench == "mbppplus":
         base = True if v.passed else bool(v.info.get("base_passed", False))

@@ -57,6 +57,7 @@ class Verdict:
     candidate_seconds: float  # the candidate's own time as the parent measured it
     info: dict = field(default_factory=dict)  # the judge's verdict message (split, index, base_passed, ...)
     isolation: tuple[str, ...] = ()
+    reference: dict | None = field(default=None, repr=False)  # expected outputs the judge offered for caching
 
 
 class _End(Exception):
@@ -115,7 +116,7 @@ def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLim
     judge = SandboxProcess(program_text("child_judge.py"), limits.judge, channel=True, modules=modules,
                            payload=judge_payload)
     start = time.monotonic()
-    used = 0.0
+    used, reference = 0.0, None
     try:
         for proc in (candidate, judge):
             if not proc.start():
@@ -127,7 +128,7 @@ def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLim
             raise AssertionError("unreachable")
         except _End as end:
             status, detail, info = end.status, end.detail, end.info
-        used = run.used
+        used, reference = run.used, run.reference
         if status == "candidate-died":
             status, detail = _death(candidate, detail)
     finally:
@@ -138,7 +139,7 @@ def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLim
     if status == "error" and "judge" in detail and judge_result.detail:
         detail = f"{detail}\n{judge_result.detail}"
     isolation = tuple(x for x in cand_result.isolation if x in judge_result.isolation)
-    return Verdict(status == "passed", status, detail, time.monotonic() - start, used, info, isolation)
+    return Verdict(status == "passed", status, detail, time.monotonic() - start, used, info, isolation, reference)
 
 
 def _death(candidate: SandboxProcess, detail: str) -> tuple[str, str]:
@@ -160,6 +161,7 @@ class _Run:
         self.label = ""
         self.pending: dict | None = None  # a call from the judge waiting for the candidate to be ready
         self.calls = 0
+        self.reference: dict | None = None
 
     # the candidate's clock
     def _deadline(self) -> float | None:
@@ -224,6 +226,8 @@ class _Run:
                        str(message.get("detail", "")), message)
         if op == "budget" and self.limits.candidate_seconds is None:
             self.budget = float(message["seconds"])
+        elif op == "reference":
+            self.reference = message.get("rows")
         elif op == "call":
             if self.state == "ready":
                 self._forward_call(message)
