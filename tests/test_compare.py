@@ -119,6 +119,19 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
     again = run_compare(path, [], progress=False)
     assert {r["name"]: r["status"] for r in again["rows"]}["sft-ref"] == "ok (reused)"
 
+    # a results folder kept without the weights (committed, copied to another machine): the arm and its
+    # measurements are reused from its summary and the measures cache, no model is loaded
+    import shutil
+
+    import omniopd.models
+
+    shutil.rmtree(out / "runs" / "sft-ref" / "final")
+    monkeypatch.setattr(omniopd.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    third = run_compare(path, [], progress=False)
+    rows3 = {r["name"]: r for r in third["rows"]}
+    assert rows3["sft-ref"]["status"] == "ok (reused results; final/ not kept)"
+    assert rows3["sft-ref"]["measures"]["accuracy"] == rows["sft-ref"]["measures"]["accuracy"]
+
 
 def test_compare_refuses_arms_that_change_the_shared_budget(tiny_model_dir, gsm8k_like, tmp_path):
     from omniopd.compare import variant_configs

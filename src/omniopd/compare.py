@@ -194,10 +194,14 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
     run_dir = Path(cfg.output_dir)
     text = dump_config(cfg)
     summary_path = run_dir / "summary.json"
-    if (not rerun and summary_path.is_file() and (run_dir / "final").is_dir() and (run_dir / "config.yaml").is_file()
+    if (not rerun and summary_path.is_file() and (run_dir / "config.yaml").is_file()
             and _same_config(run_dir / "config.yaml", cfg)):
+        # a finished arm; its final/ may be gone (a results folder committed without the weights): its
+        # measures are then read from the cache, keyed by the run's summary, not by the model files
         s = json.loads(summary_path.read_text())
-        return {"status": "ok (reused)", "train_wall_s": s.get("wall_time_s"), "teacher_tokens": s.get("teacher_tokens"),
+        kept = (run_dir / "final").is_dir()
+        return {"status": "ok (reused)" if kept else "ok (reused results; final/ not kept)",
+                "train_wall_s": s.get("wall_time_s"), "teacher_tokens": s.get("teacher_tokens"),
                 "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
     cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +418,16 @@ class Judge:
 
     # -- one model
     def cache_key(self, model_path: str) -> str:
+        """A trained arm's measures are keyed by its run's summary.json (written once, at the end of its
+        training), so they stay valid where final/ is not kept; the base model by its name."""
+        summary = Path(model_path).parent / "summary.json"
+        if Path(model_path).name == "final" and summary.is_file():
+            run = hashlib.sha256(summary.read_bytes()).hexdigest()
+            return hashlib.sha256(f"{self.spec_key}:run:{run}".encode()).hexdigest()[:16]
+        return self.legacy_cache_key(model_path)
+
+    def legacy_cache_key(self, model_path: str) -> str:
+        """The key of measures cached before the summary-based key (by the model files' mtime)."""
         return hashlib.sha256(f"{self.spec_key}:{model_path}:{_mtime(model_path)}".encode()).hexdigest()[:16]
 
     def _from_cache(self, saved: dict, name: str) -> dict:
@@ -440,7 +454,7 @@ class Judge:
         m: dict[str, Any] = {"benchmarks": {}}
         if cache.is_file():
             saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
+            if saved.get("key") in (key, self.legacy_cache_key(model_path)):
                 m = self._from_cache(saved["measures"], name)
         todo = [b for b in self.benchmarks if b not in m["benchmarks"]]
         errors: dict[str, str] = {}
@@ -448,6 +462,11 @@ class Judge:
             import torch
 
             from omniopd.models import load_model
+
+            if Path(model_path).name == "final" and not Path(model_path).exists():
+                missing = ", ".join(todo) or "the reverse KL"
+                raise ConfigError(f"{name}: its final/ was not kept and {missing} is not measured yet: "
+                                  "train the arm again (omniopd compare --rerun)")
 
             model, tok = load_model(model_path, self.cfg.student.dtype)
             for p in model.parameters():
