@@ -177,7 +177,7 @@ def timed_trainer(base, clock: Clock):
 
 def prompt_order(cfg, examples, steps: int) -> list[list]:
     """The prompts of OmniOPD's first ``steps`` steps: the trainer's own seeded stream, replayed."""
-    from omniopd.trainer import PromptStream
+    from omniopd.data import PromptStream
 
     stream = PromptStream(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     return [stream.next_batch() for _ in range(steps)]

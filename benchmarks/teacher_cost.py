@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from omniopd.models import load_model
     from omniopd.prompts import student_messages
     from omniopd.rollout import chat_prompts, sample_rollouts
-    from omniopd.teachers.base import ContinuationRequest, SamplingSpec, build_teacher
-    from omniopd.trainer import PromptStream
+    from omniopd.teachers import ContinuationRequest, SamplingSpec, build_teacher
+    from omniopd.data import PromptStream
 
     extra = [f"optim.prompts_per_step={args.prompts}"]
     if args.max_new_tokens is not None:

@@ -721,7 +721,7 @@ def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | Non
           "- **accuracy**: Wilson 95% interval. **Δ vs base**: paired per problem, d_i = correct_i(arm) − correct_i(base); "
           "mean ± 1.96·sd(d)/√n (normal approximation for paired differences of binary outcomes)."]
     if math:
-        L += [f"- **ref log-lik/token**: mean log-probability per token of the reference solutions of the "
+        L += ["- **ref log-lik/token**: mean log-probability per token of the reference solutions of the "
               + ", of the ".join(f"first {len(judge.loglik_examples[b])} `{b}` problems" for b in math)
               + " (calculator annotations `<<…>>` removed, EOS included) after the student's prompt; percentile bootstrap over problems.",
               "- **explicit final answer**: the answer states its final answer as `#### x` or `\\boxed{x}` (right or wrong); answers graded "

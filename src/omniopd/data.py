@@ -356,3 +356,40 @@ def load_train_examples(spec: str, *, allow_eval_overlap: bool = False, limit: i
     examples = load_examples(spec, limit=limit)
     check_eval_overlap(examples, spec, allow=allow_eval_overlap)
     return examples
+
+
+# ---------------------------------------------------------------------------------------------- the prompt stream
+
+
+class PromptStream:
+    """Seeded, epoch-based order over the training prompts; its position is part of a checkpoint."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, shuffle: bool = True):
+        self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next_batch(self) -> list[Example]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._make_order()

@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -49,15 +49,33 @@ from omniopd.core.baselines import (
     reverse_kl_sliced,
     sft_loss,
 )
-from omniopd.data import Example
+from omniopd.data import Example, PromptStream
 from omniopd.errors import ConfigError, DataError, TeacherError
 from omniopd.measures import clean_reference
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, pack
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
-if TYPE_CHECKING:
-    from omniopd.trainer import TrainState
+
+@dataclass
+class TrainState:
+    """Everything a training step reads and updates (built by ``trainer.setup``)."""
+
+    cfg: RunConfig
+    accelerator: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module
+    tokenizer: object
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: PromptStream
+    out_dir: Path
+    loggers: object = None
+    step: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
+
 
 
 @dataclass
@@ -130,7 +148,7 @@ class SFTTarget:
 
 def visited_examples(examples: list[Example], cfg: RunConfig) -> list[Example]:
     """The prompts a run of ``cfg.max_steps`` steps will see, in order (a fresh copy of its stream)."""
-    from omniopd.trainer import PromptStream
+    from omniopd.data import PromptStream
 
     stream = PromptStream(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     seen: dict[str, Example] = {}

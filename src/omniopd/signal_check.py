@@ -176,7 +176,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     teacher = build_teacher(cfg, student=model, student_tokenizer=tok)
     control = _control_teacher(cfg, teacher)
     self_teacher = _self_teacher(cfg, model, tok)
-    from omniopd.trainer import PromptStream
+    from omniopd.data import PromptStream
 
     stream = PromptStream(load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
     # scoring is redone below for each phi; the controls are scored on the same N continuations, so always N

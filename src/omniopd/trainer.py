@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,65 +34,15 @@ from omniopd.audit import AuditResult, run_audit
 from omniopd.checkpoint import config_differences, list_checkpoints, load_into, load_trainer_state, save_checkpoint
 from omniopd.config import RunConfig, dump_config
 from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
-from omniopd.data import Example, load_train_examples
+from omniopd.data import Example, PromptStream, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
-from omniopd.methods import BASELINES, Method, NoTeacher, omniopd_prepare
+from omniopd.methods import BASELINES, Method, NoTeacher, TrainState, omniopd_prepare
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
-from omniopd.teachers import Teacher, build_teacher
+from omniopd.teachers import build_teacher
 
 log = logging.getLogger(__name__)
-
-
-class PromptStream:
-    """Seeded, epoch-based order over the training prompts; its position is part of a checkpoint."""
-
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, shuffle: bool = True):
-        self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.examples)))
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
-
-    def next_batch(self) -> list[Example]:
-        out = []
-        while len(out) < self.batch_size:
-            if self.cursor >= len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._make_order()
-            out.append(self.examples[self._order[self.cursor]])
-            self.cursor += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._make_order()
-
-
-@dataclass
-class TrainState:
-    cfg: RunConfig
-    accelerator: object
-    model: torch.nn.Module
-    ref_model: torch.nn.Module
-    tokenizer: object
-    teacher: Teacher
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    stream: PromptStream
-    out_dir: Path
-    loggers: object = None
-    step: int = 0
-    totals: dict[str, float] = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
 
 
 # --------------------------------------------------------------------------------------------------

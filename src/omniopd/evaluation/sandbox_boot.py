@@ -28,7 +28,6 @@ from source) and a payload and channel (two file descriptors) for the program, f
 ``omniopd_sandbox``.
 """
 
-import json
 import os
 import sys
 
