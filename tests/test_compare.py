@@ -126,11 +126,24 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
     import omniopd.models
 
     shutil.rmtree(out / "runs" / "sft-ref" / "final")
+    real_load_model = omniopd.models.load_model
     monkeypatch.setattr(omniopd.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     third = run_compare(path, [], progress=False)
     rows3 = {r["name"]: r for r in third["rows"]}
     assert rows3["sft-ref"]["status"] == "ok (reused results; final/ not kept)"
     assert rows3["sft-ref"]["measures"]["accuracy"] == rows["sft-ref"]["measures"]["accuracy"]
+
+    # --only trains just the named arm; finished arms are reused, unfinished ones listed as not run
+    shutil.rmtree(out / "runs" / "omniopd-centred")
+    monkeypatch.setattr(omniopd.models, "load_model", real_load_model)
+    fourth = run_compare(path, [], progress=False, only=["sft-ref"])
+    st = {r["name"]: r["status"] for r in fourth["rows"]}
+    assert st["omniopd-centred"] == "not run (--only)" and st["sft-ref"].startswith("ok (reused")
+    assert not (out / "runs" / "omniopd-centred").exists()
+    assert "## Failed arms" not in (out / "comparison.md").read_text() or "omniopd-centred" not in (
+        (out / "comparison.md").read_text().split("## Failed arms")[1])
+    with pytest.raises(ConfigError, match="no variant named 'nope'"):
+        run_compare(path, [], progress=False, only=["nope"])
 
 
 def test_compare_refuses_arms_that_change_the_shared_budget(tiny_model_dir, gsm8k_like, tmp_path):

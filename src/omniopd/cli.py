@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--rerun", action="store_true",
                    help="train every arm again even if a finished run with the same config exists (unchanged models keep their measurements)")
     m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="train only these variants (and measure the base model); finished arms are reused, the others are listed as not run")
 
     s = sub.add_parser("check-signal", help="k_sem of the teacher vs shuffled and no-privilege controls on real rollouts")
     s.add_argument("recipe")
@@ -192,7 +194,7 @@ def _cmd_eval(args) -> int:
 def _cmd_compare(args) -> int:
     from omniopd.compare import format_compare, run_compare
 
-    result = run_compare(args.recipe, args.overrides, rerun=args.rerun, progress=not args.no_progress)
+    result = run_compare(args.recipe, args.overrides, rerun=args.rerun, progress=not args.no_progress, only=args.only)
     print(format_compare(result))
     return 0
 

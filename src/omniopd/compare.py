@@ -190,12 +190,18 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
     return normalized(saved) == cfg.model_dump(mode="json")
 
 
+def arm_finished(cfg: RunConfig) -> bool:
+    """Whether the arm's run finished with this config (its summary.json is written last)."""
+    run_dir = Path(cfg.output_dir)
+    return ((run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
+            and _same_config(run_dir / "config.yaml", cfg))
+
+
 def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpoints: bool = False) -> dict:
     run_dir = Path(cfg.output_dir)
     text = dump_config(cfg)
     summary_path = run_dir / "summary.json"
-    if (not rerun and summary_path.is_file() and (run_dir / "config.yaml").is_file()
-            and _same_config(run_dir / "config.yaml", cfg)):
+    if not rerun and arm_finished(cfg):
         # a finished arm; its final/ may be gone (a results folder committed without the weights): its
         # measures are then read from the cache, keyed by the run's summary, not by the model files
         s = json.loads(summary_path.read_text())
@@ -658,7 +664,7 @@ def _csv_rows(rows: list[dict], judge: Judge) -> tuple[list[str], list[list]]:
 
 
 def _not_run(status: str) -> bool:
-    return status.startswith("not applicable")
+    return status.startswith(("not applicable", "not run"))
 
 
 def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | None, signal_error: str | None, judge: Judge) -> None:
@@ -847,8 +853,15 @@ def write_plot(out: Path, rows: list[dict], judge: Judge | None = None) -> str |
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun: bool = False, progress: bool = True) -> dict:
+def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun: bool = False, progress: bool = True,
+                only: list[str] | None = None) -> dict:
+    """Train and measure every arm (``only``: train just these, and the base model; the other arms are
+    reused when finished and otherwise listed as not run, so the tables stay whole)."""
     cfg, configs = variant_configs(recipe, list(overrides or []))
+    unknown = sorted(set(only or []) - {v.name for v in cfg.compare.variants})
+    if unknown:
+        raise ConfigError(f"--only: no variant named {unknown[0]!r} in compare.variants "
+                          f"({', '.join(v.name for v in cfg.compare.variants)})")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_config.yaml").write_text(dump_config(cfg))
@@ -899,7 +912,9 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
             "run_dir": vcfg.output_dir if vcfg else None, "measures": None, "diff": None, "diffs": None,
         }
         why_not = not_applicable(vcfg)
-        if vcfg is None:
+        if only and vcfg is not None and not why_not and v.name not in only and not arm_finished(vcfg):
+            row["status"], row["run_dir"], model_path = "not run (--only)", None, None
+        elif vcfg is None:
             row["status"], model_path = "ok (no training)", cfg.student.name
         elif why_not:
             row["status"], row["run_dir"], model_path = why_not, None, None
