@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import loopback_server
 
 from omniopd.data import shared_data_dir
 from omniopd.errors import DataError
@@ -370,29 +369,8 @@ def test_writes_outside_land_nowhere(benchmark, tmp_path):
 @pytest.fixture()
 def answer_server():
     """A TCP server on 127.0.0.1 that answers 'True' and records connections."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    hits: list[str] = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            hits.append("connected")
-            conn.sendall(b"True")
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], hits
-    stop.set()
-    thread.join(2)
-    server.close()
+    with loopback_server(b"True") as server:
+        yield server
 
 
 @pytest.mark.parametrize("benchmark", ["humaneval", "mbppplus"])

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import loopback_server
 
 from omniopd.evaluation import sandbox
 from omniopd.evaluation.sandbox import (
@@ -234,28 +235,8 @@ def test_cannot_signal_processes_outside():
 @pytest.fixture()
 def listener():
     """A TCP server on 127.0.0.1 that records whether anyone connected."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    hits: list[str] = []
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            hits.append("connected")
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], hits
-    stop.set()
-    thread.join(2)
-    server.close()
+    with loopback_server() as server:
+        yield server
 
 
 def _connect_program(port: int) -> str:

@@ -29,7 +29,6 @@ changed its verdict).
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 from typing import Sequence
@@ -73,13 +72,9 @@ def is_short(tokens: int) -> bool:
 
 
 def valid_python(code: str) -> bool:
-    if not code.strip():
-        return False
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    return True
+    from omniopd.evaluation.code import _parses
+
+    return bool(code.strip()) and _parses(code)
 
 
 def defines_entry_point(code: str, entry_point: str) -> bool:
