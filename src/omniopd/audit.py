@@ -40,6 +40,7 @@ from omniopd.core.similarity import Phi
 from omniopd.core.target import posterior_settled, posterior_width
 from omniopd.data import Example
 from omniopd.errors import TeacherError
+from omniopd.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
 
@@ -102,7 +103,7 @@ def round_seed(seed: int, round_index: int) -> int:
     ``adaptive_round = N`` asks for exactly what the single request of the paper's path asks for), every
     later round a distinct derived seed, so its continuations are new draws and not copies of earlier ones
     (an API response cache keys on the seed too)."""
-    return seed if round_index == 0 else (seed * 1_000_003 + round_index) % (2**31 - 1)
+    return seed if round_index == 0 else mix_seed(seed, round_index, bounded=True)
 
 
 @dataclass
@@ -204,7 +205,7 @@ def run_audit(
     timings["time/entropy_s"] = time.perf_counter() - t0
 
     select = ANCHOR_SELECTORS[audit_cfg.anchors]
-    rng = random.Random(seed * 1_000_003 + step)
+    rng = random.Random(mix_seed(seed, step))
     planned: list[tuple[int, int]] = []  # (trajectory, start)
     for b in range(B):
         for s in select(entropy[b].tolist(), lengths[b], C, M, rng):
@@ -225,7 +226,7 @@ def run_audit(
         max_new_tokens=teacher_cfg.max_new_tokens or C,
         temperature=teacher_cfg.temperature,
         top_p=teacher_cfg.top_p,
-        seed=seed * 1_000_003 + step,
+        seed=mix_seed(seed, step),
     )
     starts_B: list[list[int]] = [[] for _ in range(B)]
     ksem_B: list[list[float]] = [[] for _ in range(B)]

@@ -29,13 +29,10 @@ changed its verdict).
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Sequence
 
-from omniopd.evaluation.mathgrade import wilson_interval
+from omniopd.stats import Z95, paired_difference, ratio_bootstrap, share, wilson_interval  # noqa: F401 - re-exported
 
-Z95 = 1.959964
 SHORT_TOKENS = 10
 LOOP_WINDOW_CHARS = 120
 LOOP_MAX_PERIOD = 40
@@ -83,37 +80,3 @@ def defines_entry_point(code: str, entry_point: str) -> bool:
     return bool(code.strip()) and _defines(code, entry_point)
 
 
-def share(flags: Sequence[bool]) -> dict:
-    n, k = len(flags), sum(bool(f) for f in flags)
-    lo, hi = wilson_interval(k, n)
-    return {"value": k / n if n else None, "lo": lo if n else None, "hi": hi if n else None, "n": n}
-
-
-def ratio_bootstrap(num: Sequence[float], den: Sequence[float], *, samples: int = 2000, seed: int = 0) -> dict:
-    """sum(num) / sum(den) over units, with a percentile-bootstrap 95% interval resampling units."""
-    import numpy as np
-
-    n = len(num)
-    if n == 0 or sum(den) <= 0:
-        return {"value": None, "lo": None, "hi": None, "n": n}
-    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    value = float(a.sum() / b.sum())
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    sa, sb = a[idx].sum(1), b[idx].sum(1)
-    stats = sa[sb > 0] / sb[sb > 0]
-    lo, hi = (float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))) if stats.size else (value, value)
-    return {"value": value, "lo": lo, "hi": hi, "n": n}
-
-
-def paired_difference(method: Sequence[bool], base: Sequence[bool]) -> dict:
-    """Mean of per-problem differences of two binary outcomes, with the normal-approximation 95% interval."""
-    if len(method) != len(base):
-        raise ValueError(f"paired outcomes need the same problems: {len(method)} vs {len(base)}")
-    n = len(method)
-    if n == 0:
-        return {"value": None, "lo": None, "hi": None, "n": 0}
-    d = [float(m) - float(b) for m, b in zip(method, base, strict=True)]
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
-    half = Z95 * math.sqrt(var / n)
-    return {"value": mean, "lo": mean - half, "hi": mean + half, "n": n}

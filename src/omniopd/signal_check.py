@@ -29,9 +29,6 @@ are drawn once and scored with every phi asked for.
 
 from __future__ import annotations
 
-import math
-from statistics import mean
-
 import torch
 
 from omniopd.audit import phi_by_name, run_audit
@@ -41,28 +38,8 @@ from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts, sample_rollouts
+from omniopd.stats import mean_se, pearson
 from omniopd.teachers import build_teacher
-
-
-def _mean_se(xs: list[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    m = mean(xs)
-    if len(xs) < 2:
-        return m, None
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var / len(xs))
-
-
-def _pearson(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ma, mb = mean(a), mean(b)
-    sa = math.sqrt(sum((x - ma) ** 2 for x in a))
-    sb = math.sqrt(sum((y - mb) ** 2 for y in b))
-    if sa == 0 or sb == 0:
-        return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / (sa * sb)
 
 
 def _control_teacher(cfg: RunConfig, teacher):
@@ -226,8 +203,8 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
         res = {"chunks": len(chunks)}
         for label, xs in (("teacher_k_sem", k_t), ("shuffled_k_sem", k_s), ("no_privilege_k_sem", k_np),
                           ("teacher_minus_shuffled", d_s), ("teacher_minus_no_privilege", d_np)):
-            res[label], res[label + "_se"] = _mean_se(xs)
-        res["pearson_teacher_no_privilege"] = _pearson([k_t[j] for j in both], k_np)
+            res[label], res[label + "_se"] = mean_se(xs)
+        res["pearson_teacher_no_privilege"] = pearson([k_t[j] for j in both], k_np)
         # the student's own continuations: the same chunk, and the shuffled partner chunk
         own = [(j, p) for j, p in enumerate(partners) if chunks[j]["key"] in self_by_key]
         k_self = [sum(phi(chunks[j]["student"], x) for x in self_by_key[chunks[j]["key"]]) for j, _ in own]
@@ -240,8 +217,8 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
         rel_paired = [rel[i] - rs for i, rs in zip([i for i, (_, p) in enumerate(own) if p is not None], rel_shuffled, strict=True)]
         for label, xs in (("self_k_sem", k_self), ("teacher_minus_self", rel), ("relative_shuffled", rel_shuffled),
                           ("relative_minus_shuffled", rel_paired)):
-            res[label], res[label + "_se"] = _mean_se(xs)
-        res["pearson_teacher_self"] = _pearson([k_t[j] for j, _ in own], k_self)
+            res[label], res[label + "_se"] = mean_se(xs)
+        res["pearson_teacher_self"] = pearson([k_t[j] for j, _ in own], k_self)
         res["no_teacher_information"] = (
             None if res["teacher_minus_shuffled"] is None or res["teacher_minus_shuffled_se"] is None
             else res["teacher_minus_shuffled"] <= 2 * res["teacher_minus_shuffled_se"]

@@ -56,13 +56,9 @@ from typing import Any
 
 from omniopd.data import iter_json_rows
 from omniopd.errors import DataError
-from omniopd.evaluation.sandbox import (
-    IsolationUnavailable,
-    SandboxLimits,
-    isolation_available,
-    parallel_map,
-)
+from omniopd.evaluation.sandbox import IsolationUnavailable, SandboxLimits, isolation_available, parallel_map
 from omniopd.evaluation.verdict import JudgeLimits, judge_run
+from omniopd.stats import mean_pass_at_k, pass_at_k
 
 __all__ = [
     "BENCHMARKS",
@@ -601,34 +597,6 @@ def grade_tests(answer: str, asserts: Sequence[str], *, setup: Sequence[str] = (
 
 # --------------------------------------------------------------------------------------------------
 # pass@k.
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one problem from ``n`` samples of which ``c`` passed (Chen et al., 2021):
-    ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1..n} (1 - k/i)``."""
-    for name, value in (("n", n), ("c", c), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if n < 1 or k < 1:
-        raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got n={n}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
-    """Mean pass@k over problems given as ``(n, c)`` pairs."""
-    values = [pass_at_k(n, c, k) for n, c in counts]
-    if not values:
-        raise ValueError("no problems")
-    return sum(values) / len(values)
 
 
 def pass_at_k_by_task(grades: Sequence[CodeGrade], k: int) -> float:

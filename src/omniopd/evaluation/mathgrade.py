@@ -47,11 +47,12 @@ equals ``0.5`` and ``3,000`` equals ``3000``; a gold that is one number is read 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
+
+from omniopd.stats import wilson_interval  # noqa: F401 - re-exported (runner, compare)
 
 _HASH = re.compile(r"####\s*([^\n]*)")
 _UNICODE_MINUS = str.maketrans({c: "-" for c in "\u2212\u2013\u2012\ufe63\uff0d"})
@@ -190,12 +191,3 @@ def answers_match(gold: str, predicted: str | None) -> bool:
         return gold.strip() == predicted.strip()
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (well-behaved at 0 and 1, unlike the normal interval)."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -18,7 +18,6 @@ Every number in the summary carries a 95% interval: a Wilson interval for propor
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
 from omniopd.prompts import CODE_INSTRUCTION, student_messages
 from omniopd.rollout import chat_prompts, generate_texts
+from omniopd.stats import mean_ci
 
 CODE_BENCHMARKS = ("humaneval", "mbppplus")
 
@@ -106,16 +106,6 @@ def load_problems(benchmark: str, limit: int | None = None, question_field: str 
         return [Problem(t.task_id, f"{t.prompt.strip()}", CODE_INSTRUCTION, task=t) for t in tasks]
     examples: list[Example] = load_examples(benchmark, limit=limit, question_field=question_field, answer_field=answer_field)
     return [Problem(ex.id, ex.question, None, gold=ex.answer) for ex in examples]
-
-
-def _mean_ci(values: list[float]) -> list[float]:
-    if not values:
-        return [0.0, 0.0]
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return [m, m]
-    half = 1.959964 * statistics.stdev(values) / math.sqrt(len(values))
-    return [m - half, m + half]
 
 
 def _rate(count: int, n: int) -> dict:
@@ -208,18 +198,18 @@ def summarise(records: list[dict], num_problems: int, n: int, ks: tuple[int, ...
     for k in ks:
         per = [pass_at_k(n, c, k) for c in correct_counts]
         value = statistics.fmean(per) if per else 0.0
-        ci = [lo, hi] if n == 1 else _mean_ci(per)
+        ci = [lo, hi] if n == 1 else mean_ci(per)
         summary[f"pass@{k}"] = value
         summary[f"pass@{k}_ci95"] = ci
     summary["accuracy"] = summary["pass@1"] if 1 in ks else statistics.fmean(c / n for c in correct_counts)
-    summary["ci95"] = summary.get("pass@1_ci95", _mean_ci([c / n for c in correct_counts]))
+    summary["ci95"] = summary.get("pass@1_ci95", mean_ci([c / n for c in correct_counts]))
     summary["correct"] = sum(correct_counts)
     total = len(records)
     summary["truncated"] = _rate(sum(not r["finished"] for r in records), total)
     summary["truncated_frac"] = summary["truncated"]["value"]
     lengths = [float(r["tokens"]) for r in records]
     summary["mean_tokens"] = statistics.fmean(lengths) if lengths else 0.0
-    summary["mean_tokens_ci95"] = _mean_ci(lengths)
+    summary["mean_tokens_ci95"] = mean_ci(lengths)
     if is_code:
         base = [r for r in records if r.get("base_passed") is not None]
         if base:

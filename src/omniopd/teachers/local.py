@@ -33,6 +33,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from omniopd.alignment import position_ids
 from omniopd.models import eos_token_ids, load_model
+from omniopd.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.protocols import completion_prompt
 
@@ -103,7 +104,7 @@ class LocalTeacher(Teacher):
             # the chat template already holds the special tokens: do not add a second BOS
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed * 1_000_003 + i)
+                torch.manual_seed(mix_seed(spec.seed, i))
                 out = self._generate(enc["input_ids"], enc["attention_mask"], gen, spec.n)
             new = out[:, enc["input_ids"].shape[1] :]  # (len(batch) * n, <= max_new_tokens)
             for j, req in enumerate(batch):

@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlparse
 
 from omniopd.errors import ConfigError, TeacherError
+from omniopd.stats import mix_seed, percentile
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
 
@@ -125,14 +126,6 @@ class RuntimeOptions:
 # --------------------------------------------------------------------------------------------------
 # Budget ledger
 # --------------------------------------------------------------------------------------------------
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 class BudgetLedger:
@@ -224,8 +217,8 @@ class BudgetLedger:
                 "teacher/failed_requests": float(self.failed_requests),
                 "teacher/tokens_in": float(self.tokens_in),
                 "teacher/tokens_out": float(self.tokens_out),
-                "teacher/latency_p50_s": _percentile(lat, 0.50),
-                "teacher/latency_p95_s": _percentile(lat, 0.95),
+                "teacher/latency_p50_s": percentile(lat, 0.50),
+                "teacher/latency_p95_s": percentile(lat, 0.95),
                 "teacher/cost_usd": self.cost_usd,
                 "teacher/cache_hits": float(self.cache_hits),
                 "teacher/topup_requests": float(self.topup_requests),
@@ -408,7 +401,7 @@ def _first_teacher_error(exc: BaseException) -> BaseException:
 
 def derive_seed(seed: int, sample_index: int) -> int:
     """Per-request seed: distinct for each sample index, so top-ups and separate requests differ."""
-    return (seed * 1_000_003 + sample_index) % (2**31 - 1)
+    return mix_seed(seed, sample_index, bounded=True)
 
 
 def estimate_tokens(text: str) -> int:
