@@ -22,7 +22,7 @@ from omniopd.errors import OmniOPDError
 
 _STEP_DIR = "step-{:06d}"
 # config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"max_steps", "eval", "log_every", "checkpoint", "resume", "output_dir", "report_to"}
+RESUMABLE_CHANGES = {"max_steps", "eval", "checkpoint", "resume", "output_dir", "report_to"}
 
 
 def checkpoint_root(out_dir: Path) -> Path:

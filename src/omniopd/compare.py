@@ -50,8 +50,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omniopd.config import RunConfig, apply_overrides, build_config, dump_config, read_recipe, set_dotted
+from omniopd.config import (
+    WHITE_BOX_TEACHER_TYPES,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    dump_config,
+    read_recipe,
+    set_dotted,
+)
 from omniopd.errors import ConfigError
+from omniopd.methods import METHODS, Method, check_white_box_teacher, teacher_scoring_batch, teacher_tokenizer_differs
+from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F401 - the status of such a row
+
+BASE = "base"  # the pseudo-method of an arm that is not trained: the student as it is
 
 # settings every arm shares: an arm that changed them would not be compared on the same budget
 SHARED_KEYS = ("student", "seed", "max_steps", "optim.prompts_per_step", "rollout.samples_per_prompt", "data", "eval",
@@ -75,11 +87,19 @@ CODE_MEASURES = [  # the same for the code benchmarks (base_accuracy: MBPP+ only
     ("length_limit", "hit length limit", "share"),
     ("mean_length", "mean length (tokens)", "mean"),
 ]
-NOT_APPLICABLE_OPD = ("not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
-                      "(the teacher's tokenizer differs)")
 
 
 # ------------------------------------------------------------------------------------------ configs
+
+
+def is_base(variant) -> bool:
+    """The arm (a ``compare.variants`` entry or a result row) is the untrained student."""
+    method = variant["method"] if isinstance(variant, dict) else variant.method
+    return method == BASE
+
+
+def method_of(cfg: RunConfig) -> Method:
+    return METHODS[cfg.method]
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -112,7 +132,7 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
         bad = [k for k in flat for s in SHARED_KEYS if _touches(k, s)]
         if bad:
             raise ConfigError(f"compare variant {v.name}: '{bad[0]}' must be the same for every arm (set it in the recipe, not in a variant)")
-        if v.method == "base":
+        if is_base(v):
             if v.overrides:
                 raise ConfigError(f"compare variant {v.name}: method base (no training) takes no overrides")
             configs[v.name] = None
@@ -126,33 +146,12 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
 
 
 def departures(cfg: RunConfig | None) -> list[str]:
-    """What makes this arm differ from the paper's method or the baselines' usual form (labelled)."""
+    """What makes this arm differ from the paper's method or the baselines' usual form (labelled), and the
+    settings its method names (sft's source, opd's estimator); none for ``base``."""
     if cfg is None:
         return []
-    out = []
-    if cfg.method == "omniopd":
-        if cfg.audit.target == "centered":
-            out.append("centred target (departure)")
-        if cfg.audit.phi == "embedding":
-            out.append("embedding φ (departure)")
-        if cfg.audit.adaptive_n:
-            out.append(f"adaptive N, rounds of {cfg.audit.adaptive_round}, width {cfg.audit.adaptive_width:g} (departure)")
-        if cfg.loss.kl_anchor_coef == 0:
-            out.append("no KL anchor (ablation)")
-        if cfg.audit.prior_strength == 0:
-            out.append("no prior α=0 (ablation)")
-        if cfg.audit.anchors != "peak_entropy":
-            out.append(f"anchors={cfg.audit.anchors} (ablation)")
-    if cfg.method != "sft":
-        if cfg.rollout.temperature < 1:
-            out.append(f"rollout temperature {cfg.rollout.temperature:g} < 1 (departure)")
-        if cfg.rollout.top_p < 1:
-            out.append(f"rollout top_p {cfg.rollout.top_p:g} < 1 (departure)")
-    if cfg.method == "sft":
-        out.append(f"sft on {cfg.sft.source} solutions")
-    if cfg.method == "opd":
-        out.append(f"opd estimator {cfg.opd.estimator}")
-    return out
+    method = method_of(cfg)
+    return method.departures(cfg) + method.labels(cfg)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -291,29 +290,10 @@ def _reference_response(ex) -> str:
     return clean_reference(ex.reference)
 
 
-def teacher_tokenizer_differs(cfg: RunConfig) -> bool:
-    """The configured local/privileged teacher's vocabulary differs from the student's, compared as
-    ``methods.check_white_box_teacher`` does; only the two tokenizers are loaded. False for the
-    student's own model and for API teachers (they have no vocabulary to compare)."""
-    from omniopd.models import load_tokenizer
-
-    t = cfg.teacher
-    if t.type not in ("local", "privileged") or t.model in (None, cfg.student.name):
-        return False
-    return load_tokenizer(t.model).get_vocab() != load_tokenizer(cfg.student.name).get_vocab()
-
-
 def not_applicable(cfg: RunConfig | None) -> str | None:
-    """Why an arm cannot run by construction (its row's status), or None. White-box OPD reads the
-    teacher's log-probabilities token for token against the student's: another tokenizer cannot do that.
-    A teacher that cannot be loaded is left to the training run, which reports it."""
-    if cfg is None or cfg.method != "opd":
-        return None
-    try:
-        differs = teacher_tokenizer_differs(cfg)
-    except Exception:  # noqa: BLE001 - training reports a teacher it cannot load, with its own message
-        return None
-    return NOT_APPLICABLE_OPD if differs else None
+    """Why an arm cannot run by construction (its row's status), or None; the method decides (white-box OPD:
+    a teacher with another tokenizer, ``methods.opd.not_applicable``)."""
+    return None if cfg is None else method_of(cfg).not_applicable(cfg)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -372,12 +352,11 @@ class Judge:
             return "n/a: the teacher's tokenizer differs from the student's"
         if self.cfg.compare.kl_rollouts == 0:
             return "n/a: compare.kl_rollouts=0"
-        if self.cfg.teacher.type not in ("local", "privileged"):
+        if self.cfg.teacher.type not in WHITE_BOX_TEACHER_TYPES:
             return f"n/a: teacher.type={self.cfg.teacher.type} gives no log-probabilities"
         return None
 
     def _teacher(self, base_model, tok):
-        from omniopd.methods import check_white_box_teacher
         from omniopd.teachers import build_teacher
 
         note = self._kl_unavailable()
@@ -571,7 +550,6 @@ class Judge:
         from omniopd.alignment import response_hidden
         from omniopd.core.baselines import reverse_kl_sliced
         from omniopd.measures import ratio_bootstrap
-        from omniopd.methods import teacher_scoring_batch
         from omniopd.models import load_model
         from omniopd.prompts import student_messages
         from omniopd.rollout import chat_prompts, pack
@@ -704,7 +682,7 @@ def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | Non
     for r in rows:
         m = r.get("measures") or {}
         accs = " | ".join(f"{_fmt(_bench_value(r, b, 'accuracy'), pct=True)} | "
-                          f"{_fmt((r.get('diffs') or {}).get(b), pct=True) if r['method'] != 'base' else '—'}" for b in benches)
+                          f"{_fmt((r.get('diffs') or {}).get(b), pct=True) if not is_base(r) else '—'}" for b in benches)
         L.append(f"| {r['name']} | {r['method']} | {cell(r['status'])} | {'; '.join(r['departures']) or '—'} | {num(r['lr'], '{:g}')} | "
                  f"{num(r['rollout_temperature'], '{:g}')} | {num(r['steps'], '{:d}')} | {accs} | {num(r.get('teacher_tokens'))} | "
                  f"{num(r.get('teacher_requests'))} | {num(r.get('train_wall_s'), '{:.0f} s')} | {num(m.get('eval_wall_s'), '{:.0f} s')} |")
@@ -874,7 +852,8 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
     judge = Judge(cfg, out, progress)
     judge.prepare_kl_rollouts()
 
-    phis = list(dict.fromkeys(c.audit.phi for c in configs.values() if c is not None and c.method == "omniopd"))
+    # the phi of every arm whose teacher writes text compared by phi (the omniopd arms)
+    phis = list(dict.fromkeys(c.audit.phi for c in configs.values() if c is not None and method_of(c).teacher_role(c) == "text"))
     signal, signal_error = None, None
     if phis and cfg.compare.signal_steps > 0:
         say(f"signal check for phi {', '.join(phis)} ({cfg.compare.signal_steps} batches)")
@@ -899,14 +878,14 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
     rows: list[dict] = []
     base_measures: dict | None = None
     for i, v in enumerate(cfg.compare.variants, 1):
-        vcfg = configs[v.name]
+        vcfg = configs[v.name]  # None: base
+        method = method_of(vcfg) if vcfg else None
         row: dict[str, Any] = {
             "name": v.name, "method": v.method, "departures": departures(vcfg),
             "changes": ", ".join(f"{k}={val}" for k, val in v.overrides.items()),
-            "teacher": (f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}" if vcfg and vcfg.method in ("omniopd", "opd")
-                        or (vcfg and vcfg.method == "sft" and vcfg.sft.source == "teacher") else "—"),
+            "teacher": (f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}" if method and method.uses_teacher(vcfg) else "—"),
             "lr": vcfg.optim.lr if vcfg else None,
-            "rollout_temperature": vcfg.rollout.temperature if vcfg and vcfg.method != "sft" else None,
+            "rollout_temperature": vcfg.rollout.temperature if method and method.on_policy else None,
             "steps": 0 if vcfg is None else None, "teacher_tokens": 0 if vcfg is None else None,
             "teacher_requests": 0 if vcfg is None else None, "train_wall_s": 0.0 if vcfg is None else None,
             "run_dir": vcfg.output_dir if vcfg else None, "measures": None, "diff": None, "diffs": None,
@@ -934,7 +913,7 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
             for bench, err in ((row["measures"] or {}).get("errors") or {}).items():
                 row["status"] += f"; measuring {bench} failed: {err}"
         rows.append(row)
-        if v.method == "base" and row["measures"]:
+        if is_base(v) and row["measures"]:
             base_measures = row["measures"]
         _diffs(rows, base_measures, judge.benchmarks[0])
         write_tables(out, cfg, rows, signal, signal_error, judge)  # after every arm: a killed run keeps what it had
@@ -954,7 +933,7 @@ def _diffs(rows: list[dict], base_measures: dict | None, first: str | None = Non
     base = base_measures.get("benchmarks") or {}
     for r in rows:
         m = r.get("measures")
-        if not m or r["method"] == "base":
+        if not m or is_base(r):
             continue
         diffs = {}
         for bench, x in (m.get("benchmarks") or {}).items():

@@ -30,6 +30,7 @@ class ModelConfig(_Section):
 
 TEACHER_TYPES = ("local", "privileged", "openai-completions", "openai-chat", "anthropic", "gemini")
 API_TEACHER_TYPES = TEACHER_TYPES[2:]
+WHITE_BOX_TEACHER_TYPES = TEACHER_TYPES[:2]  # in-process models whose log-probabilities can be read (method=opd)
 
 
 class TeacherConfig(_Section):
@@ -192,6 +193,8 @@ class CheckpointConfig(_Section):
 
 # The one-line refusals of method=opd (ALGORITHM.md "Baselines": white-box OPD needs the teacher's
 # log-probabilities of the student's own tokens, so a text-only API teacher or another tokenizer cannot serve).
+# The rule is checked in omniopd.methods.opd (check_white_box_teacher); the config refuses a teacher.type
+# outside WHITE_BOX_TEACHER_TYPES early, with the same message.
 OPD_TEACHER_TYPE_ERROR = (
     "method=opd needs a white-box teacher with the student's tokenizer: teacher.type must be local or privileged "
     "(an in-process model whose log-probabilities are read), got teacher.type={type}; text-only teachers work with method=omniopd"
@@ -284,7 +287,6 @@ class RunConfig(_Section):
     seed: int = 0
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["jsonl"])
     max_steps: int = Field(10, ge=0)
-    log_every: int = Field(1, ge=1)
     student: ModelConfig = ModelConfig()
     teacher: TeacherConfig = TeacherConfig()
     audit: AuditConfig = AuditConfig()
@@ -307,7 +309,7 @@ class RunConfig(_Section):
                 "teacher.temperature: 0 (greedy) with audit.teacher_samples > 1 makes all N continuations "
                 "identical and collapses k_sem to 0 or N; use a temperature > 0 (1.0 in the paper) or teacher_samples=1"
             )
-        if self.method == "opd" and self.teacher.type not in ("local", "privileged"):
+        if self.method == "opd" and self.teacher.type not in WHITE_BOX_TEACHER_TYPES:
             raise ValueError(OPD_TEACHER_TYPE_ERROR.format(type=self.teacher.type))
         if self.method == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
@@ -319,6 +321,11 @@ class RunConfig(_Section):
         if dup:
             raise ValueError(f"compare.variants: names must be unique, {dup[0]!r} appears more than once")
         return self
+
+
+# top-level keys that no longer exist: a recipe that sets one is refused with this reason; a saved config
+# (a run's or checkpoint's config.yaml) that holds one is read without it (``normalized``)
+REMOVED_KEYS = {"log_every": "every step is logged; the key was never read"}
 
 
 def _format_error(err: ValidationError) -> str:
@@ -357,6 +364,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
     merged = apply_overrides(data or {}, overrides or [])
+    removed = [k for k in REMOVED_KEYS if k in merged]
+    if removed:
+        raise ConfigError(f"config key '{removed[0]}' was removed ({REMOVED_KEYS[removed[0]]}); delete it from the recipe")
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
@@ -422,9 +432,11 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def normalized(saved: dict[str, Any] | None) -> dict[str, Any]:
     """A saved config (a run's or checkpoint's ``config.yaml``) read through the current schema, so fields
-    added since it was written compare at their defaults; one that no longer validates is returned as is."""
+    added since it was written compare at their defaults and keys removed since (``REMOVED_KEYS``) are dropped;
+    one that no longer validates is returned as is."""
+    current = {k: v for k, v in saved.items() if k not in REMOVED_KEYS} if isinstance(saved, dict) else saved
     try:
-        return build_config(saved or {}).model_dump(mode="json")
+        return build_config(current or {}).model_dump(mode="json")
     except ConfigError:
         return saved or {}
 

@@ -1,10 +1,10 @@
-"""The training loop. Reads top to bottom:
+"""The training loop. One step reads top to bottom, the same for every method:
 
-    sample -> audit (entropy, anchors, teacher, phi, target) -> loss/backward -> step -> log -> eval/save
+    examples -> method.sample -> method.audit -> method.backward -> optimizer -> method.accumulate -> log -> eval/save
 
-Each phase is a named function; the method is picked from ``METHODS`` (a dict of
-:class:`~omniopd.methods.Method`: which sample, audit and backward functions fill the step), so the
-baselines (SFT, OPD, GRPO in ``omniopd.methods``) plug in without an if/elif ladder here. The
+The method is ``METHODS[cfg.method]`` (``omniopd.methods``: the paper's OmniOPD and the baselines SFT,
+OPD and GRPO, each a :class:`~omniopd.methods.Method` that fills every slot), and setup asks it which
+teacher to build (``method.teacher_role``) and what to prepare; nothing here tests a method's name. The
 reference model for the KL anchor is a frozen copy of the initial student, or with LoRA
 (``lora.rank > 0``) the same network with its adapter disabled (``omniopd.lora``); a local teacher on
 the same base model shares it.
@@ -29,17 +29,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omniopd.alignment import SequenceBatch, response_hidden
-from omniopd.audit import AuditResult, run_audit
 from omniopd.checkpoint import config_differences, list_checkpoints, load_into, load_trainer_state, save_checkpoint
 from omniopd.config import RunConfig, dump_config
-from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
 from omniopd.data import Example, PromptStream, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
-from omniopd.methods import BASELINES, Method, NoTeacher, TrainState, omniopd_prepare
+from omniopd.methods import METHODS, NoTeacher, TrainState
 from omniopd.models import load_model
-from omniopd.prompts import student_messages
-from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
 from omniopd.teachers import build_teacher
 
 log = logging.getLogger(__name__)
@@ -105,8 +100,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     else:
         restore(state, resume_from)
     accelerator.wait_for_everyone()
-    if method.prepare is not None:
-        method.prepare(state)
+    method.prepare(state)
     return state
 
 
@@ -221,77 +215,6 @@ def preflight(state: TrainState, examples: list[Example]) -> None:
 # phases of one step
 
 
-def sample_phase(state: TrainState, examples: list[Example]) -> Rollouts:
-    r = state.cfg.rollout
-    prompts = chat_prompts(state.tokenizer, [student_messages(ex.question, ex.instruction) for ex in examples])
-    model = state.accelerator.unwrap_model(state.model)
-    return sample_rollouts(
-        model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size,
-    )
-
-
-def audit_phase(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
-    cfg = state.cfg
-    return run_audit(
-        step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
-        batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
-        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher,
-        seed=cfg.seed + 104_729 * state.accelerator.process_index,  # rank 0: the one-process seeds
-        micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
-        record_trajectories=cfg.audit.record_trajectories,
-    )
-
-
-def omniopd_backward(state: TrainState, batch: SequenceBatch, audit: AuditResult) -> dict[str, float]:
-    """Weighted chunk likelihood + KL anchor, micro-batched; the loss is divided by the number of
-    trajectories in the step (a constant), so accumulation over micro-batches sums to the full-batch loss."""
-    cfg = state.cfg
-    B = batch.response_ids.shape[0]
-    chunk_sum = kl_sum = n_unaudited = n_audited = 0.0
-    for i in range(0, B, cfg.optim.micro_batch_size):
-        idx = list(range(i, min(B, i + cfg.optim.micro_batch_size)))
-        sub = batch.select(idx).to(state.accelerator.device)
-        T = sub.response_ids.shape[1]
-        weights, chunk_mask = token_weights_from_chunks(
-            [audit.starts_B[j] for j in idx], [audit.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
-        )
-        hidden, head = response_hidden(state.model, sub)
-        with torch.no_grad():
-            ref_hidden, ref_head = response_hidden(state.ref_model, sub)
-        stats = token_stats(
-            hidden, head, sub.response_ids, ref_hidden=ref_hidden, ref_head=ref_head, slice_size=cfg.loss.slice_size
-        )
-        out = omniopd_loss(
-            OmniOPDLossInputs(
-                student_logprobs=stats.logprobs,
-                kl_ref_to_student=stats.kl_ref_to_student,
-                response_mask=sub.response_mask,
-                chunk_weights=weights.to(stats.logprobs.device),
-                chunk_mask=chunk_mask.to(stats.logprobs.device),
-            ),
-            kl_anchor_coef=cfg.loss.kl_anchor_coef,
-            normalizer=float(B),
-        )
-        state.accelerator.backward(out.loss)
-        chunk_sum += out.metrics["loss/chunk"]
-        kl_sum += out.metrics["loss/kl_anchor_sum"] * B
-        n_unaudited += out.metrics["tokens/unaudited"]
-        n_audited += out.metrics["tokens/audited"]
-    return {
-        "loss/chunk": chunk_sum,
-        "loss/kl_anchor": kl_sum / max(n_unaudited, 1.0),
-        "loss/total": chunk_sum + cfg.loss.kl_anchor_coef * kl_sum / B,
-        "audit/token_frac": n_audited / max(n_audited + n_unaudited, 1.0),
-    }
-
-
-METHODS: dict[str, Method] = {
-    "omniopd": Method(backward=omniopd_backward, prepare=omniopd_prepare),  # sample_phase, audit_phase
-    **BASELINES,  # sft, opd, grpo
-}
-
-
 def optimizer_phase(state: TrainState) -> dict[str, float]:
     grad_norm = state.accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.optim.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
@@ -344,12 +267,12 @@ def train_step(state: TrainState) -> dict[str, float]:
 
         examples = rank_slice(examples, acc.process_index, acc.num_processes)
     t0 = time.perf_counter()
-    rollouts = (method.sample or sample_phase)(state, examples)
+    rollouts = method.sample(state, examples)
     synchronize(acc.device)
     t_rollout = time.perf_counter() - t0
-    audit = (method.audit or audit_phase)(state, rollouts, examples)
+    signal = method.audit(state, rollouts, examples)
     t0 = time.perf_counter()
-    loss_metrics = method.backward(state, rollouts.batch, audit)
+    loss_metrics = method.backward(state, rollouts.batch, signal)
     synchronize(acc.device)
     t_loss = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -362,10 +285,10 @@ def train_step(state: TrainState) -> dict[str, float]:
     backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
     metrics = {
         **loss_metrics,
-        **audit.metrics,
+        **signal.metrics,
         **optim_metrics,
         **backend,
-        **({  # the student's own samples; SFT trains on targets and logs sft/* about them instead
+        **({  # the student's own samples; an off-policy method (SFT) logs its own metrics about its targets instead
             "rollout/mean_length": sum(lengths) / len(lengths),
             "rollout/max_length": float(max(lengths)),
             "rollout/truncated_frac": rollouts.truncated_frac,
@@ -376,12 +299,10 @@ def train_step(state: TrainState) -> dict[str, float]:
         "time/optimizer_s": t_optim,
         "time/step_s": time.perf_counter() - t_step,
     }
-    metrics, records = gather_step(state, metrics, audit.records)
-    for key in ("teacher/tokens", "teacher/requests"):
+    metrics, records = gather_step(state, metrics, signal.records)
+    for key in ("teacher/tokens", "teacher/requests"):  # every method's teacher work
         state.totals[key] = state.totals.get(key, 0.0) + metrics.get(key, 0.0)
-    if metrics.get("audit/chunks"):  # OmniOPD only
-        state.totals["chunks"] = state.totals.get("chunks", 0.0) + metrics["audit/chunks"]
-        state.totals["k_sem_sum"] = state.totals.get("k_sem_sum", 0.0) + metrics["audit/k_sem_mean"] * metrics["audit/chunks"]
+    method.accumulate(state.totals, metrics)  # and what this method adds (OmniOPD: its chunks and k_sem)
     metrics["teacher/tokens_total"] = state.totals.get("teacher/tokens", 0.0)
     for k, v in metrics.items():
         if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):

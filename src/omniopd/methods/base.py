@@ -1,0 +1,154 @@
+"""What every training method shares: the :class:`Method` slots the trainer's loop asks for, the state a
+step reads and updates, and the pieces more than one method uses (on-policy sampling, micro-batching).
+
+The loop is the same for every method (``trainer.train_step``)::
+
+    examples -> method.sample -> method.audit -> method.backward -> optimizer -> method.accumulate -> log
+
+and every slot of a :class:`Method` is filled explicitly by each method (``omniopd``, ``sft``, ``opd``,
+``grpo``; the registry is ``omniopd.methods.METHODS``), so neither the trainer nor ``omniopd compare``
+tests a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+
+from omniopd.alignment import SequenceBatch
+from omniopd.config import RunConfig
+from omniopd.data import Example, PromptStream
+from omniopd.errors import TeacherError
+from omniopd.prompts import student_messages
+from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
+from omniopd.teachers.base import Teacher
+
+# What the teacher does for a method (None: no teacher is built):
+# - "text": it writes continuations of the student's prefixes, which the audit compares with the student's
+#   chunks by phi (OmniOPD; preflighted at setup, and what ``check-signal`` tests);
+# - "solutions": it writes one solution per prompt to train on (SFT from the teacher);
+# - "logits": its log-probabilities over the student's own tokens are read (white-box OPD).
+TeacherRole = Literal["text", "solutions", "logits"]
+
+
+@dataclass
+class TrainState:
+    """Everything a training step reads and updates (built by ``trainer.setup``)."""
+
+    cfg: RunConfig
+    accelerator: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module
+    tokenizer: object
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: PromptStream
+    out_dir: Path
+    loggers: object = None
+    step: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
+
+
+@dataclass
+class StepSignal:
+    """What a baseline's audit slot hands its backward (OmniOPD's counterpart is ``audit.AuditResult``).
+    Both carry ``metrics`` (logged) and ``records`` (appended to ``audits.jsonl``)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # for audits.jsonl: none for the baselines
+    advantages: torch.Tensor | None = None  # grpo: (B,) group-relative advantages
+    teacher_batch: SequenceBatch | None = None  # opd: [teacher prompt | the student's response ids]
+
+
+SampleFn = Callable[[TrainState, list[Example]], Rollouts]
+AuditFn = Callable[[TrainState, Rollouts, list[Example]], Any]  # -> an object with .metrics and .records
+BackwardFn = Callable[[TrainState, SequenceBatch, Any], dict[str, float]]
+PrepareFn = Callable[[TrainState], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: what it puts in each slot of the trainer's loop, and what it tells the
+    trainer's setup and ``omniopd compare`` about itself. No slot has a default."""
+
+    name: str
+    sample: SampleFn  # the step's training sequences (on-policy: the student's own samples)
+    audit: AuditFn  # the learning signal of those sequences (metrics, audit records, targets)
+    backward: BackwardFn  # loss and backward over micro-batches -> loss metrics
+    prepare: PrepareFn  # at setup, after the teacher is built: checks and one-off work
+    teacher_role: Callable[[RunConfig], TeacherRole | None]  # None: no teacher is built
+    on_policy: bool  # trains on the student's own samples (logs rollout/*; rollout settings apply)
+    departures: Callable[[RunConfig], list[str]]  # what the config changes from the method's usual form
+    accumulate: Callable[[dict[str, float], dict[str, float]], None]  # (totals, step metrics): the run's totals
+    labels: Callable[[RunConfig], list[str]]  # settings a results row names beside the departures
+    not_applicable: Callable[[RunConfig], str | None]  # why this config cannot run by construction, or None
+
+    def uses_teacher(self, cfg: RunConfig) -> bool:
+        return self.teacher_role(cfg) is not None
+
+
+class NoTeacher(Teacher):
+    """Stands in where a method needs no teacher (grpo, sft from references)."""
+
+    name = "none"
+
+    def continue_prefixes(self, requests, spec):
+        raise TeacherError("this method runs without a teacher")
+
+
+# ---------------------------------------------------------------------------------------------- shared slots
+
+
+def sample_on_policy(state: TrainState, examples: list[Example]) -> Rollouts:
+    """The student's own samples of this step's prompts (``rollout.*``), packed [prompt | response]."""
+    r = state.cfg.rollout
+    prompts = chat_prompts(state.tokenizer, [student_messages(ex.question, ex.instruction) for ex in examples])
+    model = state.accelerator.unwrap_model(state.model)
+    return sample_rollouts(
+        model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size,
+    )
+
+
+def micro_batches(state: TrainState, batch: SequenceBatch) -> Iterator[tuple[list[int], SequenceBatch]]:
+    """(indices, that slice of ``batch`` on the training device) per ``optim.micro_batch_size`` sequences, in order."""
+    B, size = batch.response_ids.shape[0], state.cfg.optim.micro_batch_size
+    for i in range(0, B, size):
+        idx = list(range(i, min(B, i + size)))
+        yield idx, batch.select(idx).to(state.accelerator.device)
+
+
+def response_ids(rollouts: Rollouts) -> list[list[int]]:
+    """Each trajectory's response token ids, without padding."""
+    return [rollouts.batch.response_ids[b, :L].tolist() for b, L in enumerate(rollouts.lengths)]
+
+
+def sampling_departures(cfg: RunConfig) -> list[str]:
+    """An on-policy method's sampling settings that depart from plain sampling."""
+    out = []
+    if cfg.rollout.temperature < 1:
+        out.append(f"rollout temperature {cfg.rollout.temperature:g} < 1 (departure)")
+    if cfg.rollout.top_p < 1:
+        out.append(f"rollout top_p {cfg.rollout.top_p:g} < 1 (departure)")
+    return out
+
+
+def no_departures(cfg: RunConfig) -> list[str]:
+    return []
+
+
+def no_labels(cfg: RunConfig) -> list[str]:
+    return []
+
+
+def always_applicable(cfg: RunConfig) -> str | None:
+    return None
+
+
+def nothing_to_accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
+    """The trainer keeps the totals every method has (teacher tokens and requests); nothing beyond them."""

@@ -1,0 +1,118 @@
+"""The paper's method, OmniOPD (ALGORITHM.md): on-policy student samples; the audit picks the
+highest-entropy chunks, asks the text-only teacher for N continuations of the prefix before each, and
+turns their agreement with the student's chunk (phi) into a smoothed target weight; the loss is the
+weighted chunk log-likelihood plus an exact KL anchor to the reference model on the other tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.audit import AuditResult, phi_by_name, run_audit
+from omniopd.config import RunConfig
+from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
+from omniopd.data import Example
+from omniopd.methods.base import (
+    Method,
+    TrainState,
+    always_applicable,
+    micro_batches,
+    no_labels,
+    sample_on_policy,
+    sampling_departures,
+)
+from omniopd.rollout import Rollouts
+
+
+def prepare(state: TrainState) -> None:
+    """Resolve phi at setup, so a missing embedding model fails before any rollout."""
+    phi_by_name(state.cfg.audit.phi)
+
+
+def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
+    cfg = state.cfg
+    return run_audit(
+        step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
+        batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
+        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher,
+        seed=cfg.seed + 104_729 * state.accelerator.process_index,  # rank 0: the one-process seeds
+        micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
+        record_trajectories=cfg.audit.record_trajectories,
+    )
+
+
+def backward(state: TrainState, batch: SequenceBatch, result: AuditResult) -> dict[str, float]:
+    """Weighted chunk likelihood + KL anchor, micro-batched; the loss is divided by the number of
+    trajectories in the step (a constant), so accumulation over micro-batches sums to the full-batch loss."""
+    cfg = state.cfg
+    B = batch.response_ids.shape[0]
+    chunk_sum = kl_sum = n_unaudited = n_audited = 0.0
+    for idx, sub in micro_batches(state, batch):
+        T = sub.response_ids.shape[1]
+        weights, chunk_mask = token_weights_from_chunks(
+            [result.starts_B[j] for j in idx], [result.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
+        )
+        hidden, head = response_hidden(state.model, sub)
+        with torch.no_grad():
+            ref_hidden, ref_head = response_hidden(state.ref_model, sub)
+        stats = token_stats(
+            hidden, head, sub.response_ids, ref_hidden=ref_hidden, ref_head=ref_head, slice_size=cfg.loss.slice_size
+        )
+        out = omniopd_loss(
+            OmniOPDLossInputs(
+                student_logprobs=stats.logprobs,
+                kl_ref_to_student=stats.kl_ref_to_student,
+                response_mask=sub.response_mask,
+                chunk_weights=weights.to(stats.logprobs.device),
+                chunk_mask=chunk_mask.to(stats.logprobs.device),
+            ),
+            kl_anchor_coef=cfg.loss.kl_anchor_coef,
+            normalizer=float(B),
+        )
+        state.accelerator.backward(out.loss)
+        chunk_sum += out.metrics["loss/chunk"]
+        kl_sum += out.metrics["loss/kl_anchor_sum"] * B
+        n_unaudited += out.metrics["tokens/unaudited"]
+        n_audited += out.metrics["tokens/audited"]
+    return {
+        "loss/chunk": chunk_sum,
+        "loss/kl_anchor": kl_sum / max(n_unaudited, 1.0),
+        "loss/total": chunk_sum + cfg.loss.kl_anchor_coef * kl_sum / B,
+        "audit/token_frac": n_audited / max(n_audited + n_unaudited, 1.0),
+    }
+
+
+def departures(cfg: RunConfig) -> list[str]:
+    """What the config changes from the paper's method: labelled departures and the paper's ablations."""
+    out = []
+    if cfg.audit.target == "centered":
+        out.append("centred target (departure)")
+    if cfg.audit.phi == "embedding":
+        out.append("embedding φ (departure)")
+    if cfg.audit.adaptive_n:
+        out.append(f"adaptive N, rounds of {cfg.audit.adaptive_round}, width {cfg.audit.adaptive_width:g} (departure)")
+    if cfg.loss.kl_anchor_coef == 0:
+        out.append("no KL anchor (ablation)")
+    if cfg.audit.prior_strength == 0:
+        out.append("no prior α=0 (ablation)")
+    if cfg.audit.anchors != "peak_entropy":
+        out.append(f"anchors={cfg.audit.anchors} (ablation)")
+    return out + sampling_departures(cfg)
+
+
+def accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
+    """The audited chunks and their k_sem sum (the run's mean k_sem in summary.json)."""
+    if metrics.get("audit/chunks"):
+        totals["chunks"] = totals.get("chunks", 0.0) + metrics["audit/chunks"]
+        totals["k_sem_sum"] = totals.get("k_sem_sum", 0.0) + metrics["audit/k_sem_mean"] * metrics["audit/chunks"]
+
+
+def _text_teacher(cfg: RunConfig) -> str:
+    return "text"
+
+
+OMNIOPD = Method(
+    name="omniopd", sample=sample_on_policy, audit=audit, backward=backward, prepare=prepare,
+    teacher_role=_text_teacher, on_policy=True, departures=departures, accumulate=accumulate,
+    labels=no_labels, not_applicable=always_applicable,
+)

@@ -1,0 +1,144 @@
+"""White-box on-policy distillation (ALGORITHM.md "Baselines"): reverse KL(student || teacher) on the
+student's own samples.
+
+The "audit" packs the teacher's own prompt (privileged: with the reference solution) followed by the
+student's response *token ids*, so teacher position t scores exactly the token the student produced at
+t. ``opd.estimator``: ``sampled`` (advantage log q - log p, Tinker) or ``full`` (exact KL, GKD).
+
+The white-box rule lives here, once: the teacher must be an in-process model (``config.WHITE_BOX_TEACHER_TYPES``;
+the config refuses other types with ``config.OPD_TEACHER_TYPE_ERROR``) whose vocabulary and output head are
+the student's (:func:`check_white_box_teacher` at setup, ``config.OPD_TOKENIZER_ERROR``).
+``omniopd compare`` reads the same rule before training (:func:`teacher_tokenizer_differs`, :func:`not_applicable`)
+and for its reverse-KL column.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.config import OPD_TEACHER_TYPE_ERROR, OPD_TOKENIZER_ERROR, WHITE_BOX_TEACHER_TYPES, RunConfig
+from omniopd.core import token_stats
+from omniopd.core.baselines import OPDFullInputs, OPDSampledInputs, opd_full_loss, opd_sampled_loss, reverse_kl_sliced
+from omniopd.data import Example
+from omniopd.errors import ConfigError
+from omniopd.methods.base import (
+    Method,
+    StepSignal,
+    TrainState,
+    micro_batches,
+    nothing_to_accumulate,
+    response_ids,
+    sample_on_policy,
+    sampling_departures,
+)
+from omniopd.rollout import Rollouts, pack
+from omniopd.teachers.base import ContinuationRequest, Teacher
+
+NOT_APPLICABLE = ("not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
+                  "(the teacher's tokenizer differs)")
+
+
+def check_white_box_teacher(teacher: Teacher, student_tokenizer, student_model) -> None:
+    """Refuse a teacher whose log-probabilities cannot be read token for token against the student's."""
+    from omniopd.teachers.local import LocalTeacher
+
+    if not isinstance(teacher, LocalTeacher):
+        raise ConfigError(OPD_TEACHER_TYPE_ERROR.format(type=teacher.name.split(":")[0]))
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        detail = (f"{len(t_vocab)} tokens vs the student's {len(s_vocab)}" if len(t_vocab) != len(s_vocab)
+                  else f"the same size, {len(s_vocab)} tokens, with different ids")
+        raise ConfigError(OPD_TOKENIZER_ERROR.format(teacher=teacher.name, detail=detail))
+    t_head = teacher.model.get_output_embeddings().weight.shape[0]
+    s_head = student_model.get_output_embeddings().weight.shape[0]
+    if t_head != s_head:
+        detail = f"output heads of {t_head} and {s_head} rows"
+        raise ConfigError(OPD_TOKENIZER_ERROR.format(teacher=teacher.name, detail=detail))
+
+
+def teacher_tokenizer_differs(cfg: RunConfig) -> bool:
+    """The configured local/privileged teacher's vocabulary differs from the student's, compared as
+    :func:`check_white_box_teacher` does; only the two tokenizers are loaded. False for the student's own
+    model and for API teachers (they have no vocabulary to compare)."""
+    from omniopd.models import load_tokenizer
+
+    t = cfg.teacher
+    if t.type not in WHITE_BOX_TEACHER_TYPES or t.model in (None, cfg.student.name):
+        return False
+    return load_tokenizer(t.model).get_vocab() != load_tokenizer(cfg.student.name).get_vocab()
+
+
+def not_applicable(cfg: RunConfig) -> str | None:
+    """White-box OPD reads the teacher's log-probabilities token for token against the student's: a teacher
+    with another tokenizer cannot serve. A teacher that cannot be loaded is left to the training run, which
+    reports it."""
+    try:
+        differs = teacher_tokenizer_differs(cfg)
+    except Exception:  # noqa: BLE001 - training reports a teacher it cannot load, with its own message
+        return None
+    return NOT_APPLICABLE if differs else None
+
+
+def prepare(state: TrainState) -> None:
+    check_white_box_teacher(state.teacher, state.tokenizer, state.accelerator.unwrap_model(state.model))
+
+
+def teacher_scoring_batch(teacher, examples: list[Example], responses: list[list[int]]) -> SequenceBatch:
+    """[the teacher's own prompt (privileged: with the reference) | the student's response token ids]."""
+    prompts = [teacher.prompt_text(ContinuationRequest(question=ex.question, prefix="", reference=ex.reference,
+                                                     instruction=ex.instruction)) for ex in examples]
+    return pack(teacher.tokenizer, prompts, responses, teacher.tokenizer.pad_token_id)
+
+
+def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> StepSignal:
+    traj_examples = [examples[i] for i in rollouts.example_index]
+    tbatch = teacher_scoring_batch(state.teacher, traj_examples, response_ids(rollouts))
+    return StepSignal(
+        metrics={"teacher/tokens": float(tbatch.attention_mask.sum()), "teacher/requests": float(len(traj_examples))},
+        teacher_batch=tbatch,
+    )
+
+
+def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
+    """Reverse KL(student || teacher) on the student's own tokens, micro-batched, / #sequences."""
+    cfg, device = state.cfg, state.accelerator.device
+    teacher_model = state.teacher.model
+    B = batch.response_ids.shape[0]
+    loss_sum = kl_tok_sum = n_tok = 0.0
+    for idx, sub in micro_batches(state, batch):
+        tsub = signal.teacher_batch.select(idx).to(device)
+        same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(tsub.response_mask, sub.response_mask)
+        if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
+            raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
+        hidden, head = response_hidden(state.model, sub)
+        with torch.no_grad():
+            t_hidden, t_head = response_hidden(teacher_model, tsub)
+        if cfg.opd.estimator == "sampled":
+            stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
+            with torch.no_grad():
+                t_logp = token_stats(t_hidden, t_head, tsub.response_ids, slice_size=cfg.loss.slice_size).logprobs
+            out = opd_sampled_loss(OPDSampledInputs(stats.logprobs, t_logp, sub.response_mask), normalizer=float(B))
+        else:
+            kl = reverse_kl_sliced(hidden, head, t_hidden, t_head, slice_size=cfg.loss.slice_size)
+            out = opd_full_loss(OPDFullInputs(reverse_kl=kl, response_mask=sub.response_mask), normalizer=float(B))
+        state.accelerator.backward(out.loss)
+        loss_sum += out.metrics["loss/opd"]
+        kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]
+        n_tok += out.metrics["tokens/response"]
+    return {"loss/total": loss_sum, "loss/opd": loss_sum, "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0)}
+
+
+def _logits_teacher(cfg: RunConfig) -> str:
+    return "logits"
+
+
+def labels(cfg: RunConfig) -> list[str]:
+    return [f"opd estimator {cfg.opd.estimator}"]
+
+
+OPD = Method(
+    name="opd", sample=sample_on_policy, audit=audit, backward=backward, prepare=prepare,
+    teacher_role=_logits_teacher, on_policy=True, departures=sampling_departures, accumulate=nothing_to_accumulate,
+    labels=labels, not_applicable=not_applicable,
+)

@@ -1,0 +1,188 @@
+"""SFT baseline: off-policy, on the same prompts in the same order (ALGORITHM.md "Baselines").
+
+The "sample" is the target solution of each prompt: written once by the configured teacher (it
+continues an empty answer; greedy by default; cached on disk) or the dataset's reference
+(``sft.source``); one target per prompt. Loss: NLL of the target tokens / #sequences. It logs ``sft/*``
+about its targets instead of ``rollout/*``; ``teacher/tokens`` are the tokens of the solutions used,
+counted even when read from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.config import RunConfig
+from omniopd.core import token_stats
+from omniopd.core.baselines import SFTLossInputs, sft_loss
+from omniopd.data import Example, PromptStream
+from omniopd.errors import DataError, TeacherError
+from omniopd.measures import clean_reference
+from omniopd.methods.base import (
+    Method,
+    StepSignal,
+    TrainState,
+    always_applicable,
+    micro_batches,
+    no_departures,
+    nothing_to_accumulate,
+)
+from omniopd.prompts import student_messages
+from omniopd.rollout import Rollouts, chat_prompts, pack
+from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
+
+
+@dataclass(frozen=True)
+class SFTTarget:
+    text: str
+    finished: bool  # the writer ended it (EOS); a target cut at max_new_tokens gets no EOS
+    teacher_tokens: int = 0  # prompt + completion tokens the teacher spent on it (0 for references)
+
+
+def visited_examples(examples: list[Example], cfg: RunConfig) -> list[Example]:
+    """The prompts a run of ``cfg.max_steps`` steps will see, in order (a fresh copy of its stream)."""
+    stream = PromptStream(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    seen: dict[str, Example] = {}
+    for _ in range(cfg.max_steps):
+        for ex in stream.next_batch():
+            seen.setdefault(_example_key(ex), ex)
+    return list(seen.values())
+
+
+def _example_key(ex: Example) -> str:
+    return hashlib.sha256(json.dumps([ex.id, ex.question, ex.reference]).encode()).hexdigest()[:20]
+
+
+def sft_cache_path(cfg: RunConfig, teacher: Teacher) -> Path:
+    from omniopd.models import cache_dir
+    from omniopd.prompts import ANSWER_INSTRUCTION
+
+    root = Path(cfg.sft.cache_dir) if cfg.sft.cache_dir else cache_dir() / "sft-solutions"
+    spec = {
+        "teacher": teacher.name, "type": cfg.teacher.type, "model": cfg.teacher.model, "privileged": cfg.teacher.privileged,
+        "temperature": cfg.sft.temperature, "top_p": cfg.teacher.top_p, "max_new_tokens": cfg.sft.max_new_tokens,
+        "seed": cfg.seed, "instruction": ANSWER_INSTRUCTION,
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{key}.jsonl"
+
+
+def _read_cache(path: Path) -> dict[str, SFTTarget]:
+    out: dict[str, SFTTarget] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                out[row["key"]] = SFTTarget(row["text"], bool(row["finished"]), int(row["teacher_tokens"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                break  # a line cut by a kill ends the usable cache; the rest is generated again
+    return out
+
+
+def teacher_solutions(cfg: RunConfig, teacher: Teacher, examples: list[Example]) -> dict[str, SFTTarget]:
+    """One teacher-written solution per example, read from the cache or generated (and appended) once."""
+    path = sft_cache_path(cfg, teacher)
+    cached = _read_cache(path)
+    missing = [ex for ex in examples if _example_key(ex) not in cached]
+    if missing:
+        tqdm.write(f"omniopd: sft: the teacher writes {len(missing)} solutions (once; cached in {path})")
+        spec = SamplingSpec(n=1, max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.temperature,
+                            top_p=cfg.teacher.top_p, seed=cfg.seed)
+        requests = [ContinuationRequest(question=ex.question, prefix="", reference=ex.reference, trajectory=i,
+                                        instruction=ex.instruction)
+                    for i, ex in enumerate(missing)]
+        results = teacher.continue_prefixes(requests, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            for ex, res in zip(missing, results, strict=True):
+                if not res.ok or len(res.texts) != 1:
+                    raise TeacherError(f"sft: the teacher failed to write a solution for {ex.id}: {res.error or 'no text'}")
+                # a completion shorter than the limit ended on EOS (the local teachers stop there)
+                target = SFTTarget(res.texts[0], res.completion_tokens < spec.max_new_tokens, res.prompt_tokens + res.completion_tokens)
+                cached[_example_key(ex)] = target
+                fh.write(json.dumps({"key": _example_key(ex), "id": ex.id, "text": target.text, "finished": target.finished,
+                                     "teacher_tokens": target.teacher_tokens}) + "\n")
+    return {_example_key(ex): cached[_example_key(ex)] for ex in examples}
+
+
+def prepare(state: TrainState) -> None:
+    """Every target of the run, once: the references, or the teacher's solutions (cached)."""
+    cfg = state.cfg
+    examples = visited_examples(state.stream.examples, cfg)
+    if cfg.sft.source == "reference":
+        no_ref = [ex.id for ex in examples if not ex.reference]
+        if no_ref:
+            raise DataError(f"sft.source=reference needs reference solutions; {cfg.data.train} has none for {no_ref[0]} ({len(no_ref)} prompts)")
+        targets = {_example_key(ex): SFTTarget(clean_reference(ex.reference), True) for ex in examples}
+    else:
+        targets = teacher_solutions(cfg, state.teacher, examples)
+    state.extras["sft_targets"] = targets
+    with (state.out_dir / "sft_solutions.jsonl").open("w", encoding="utf-8") as fh:
+        for ex in examples:
+            t = targets[_example_key(ex)]
+            fh.write(json.dumps({"id": ex.id, "source": cfg.sft.source, "text": t.text, "finished": t.finished}) + "\n")
+
+
+def sample(state: TrainState, examples: list[Example]) -> Rollouts:
+    """The target solutions of this step's prompts as a packed batch: [student prompt | target tokens]."""
+    tok, cap = state.tokenizer, state.cfg.sft.max_new_tokens
+    targets: dict[str, SFTTarget] = state.extras["sft_targets"]
+    prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
+    responses, finished = [], []
+    for ex in examples:
+        t = targets[_example_key(ex)]
+        ids = tok.encode(t.text, add_special_tokens=False)
+        done = t.finished and len(ids) < cap  # cut at the cap (in student tokens): no EOS after a cut
+        responses.append(ids[:cap] + ([tok.eos_token_id] if done else []))
+        finished.append(done)
+    batch = pack(tok, prompts, responses, tok.pad_token_id)
+    return Rollouts(batch=batch, example_index=list(range(len(examples))), lengths=[len(r) for r in responses], finished=finished)
+
+
+def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> StepSignal:
+    targets: dict[str, SFTTarget] = state.extras["sft_targets"]
+    used = [targets[_example_key(ex)] for ex in examples]
+    from_teacher = state.cfg.sft.source == "teacher"
+    n = len(rollouts.lengths)
+    return StepSignal(metrics={
+        "sft/target_mean_length": sum(rollouts.lengths) / max(n, 1),
+        "sft/target_truncated_frac": 1.0 - sum(rollouts.finished) / max(n, 1),
+        "teacher/tokens": float(sum(t.teacher_tokens for t in used)),
+        "teacher/requests": float(len(used)) if from_teacher else 0.0,
+    })
+
+
+def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
+    """NLL of the target tokens, micro-batched, divided by the number of sequences in the step."""
+    cfg = state.cfg
+    B = batch.response_ids.shape[0]
+    loss_sum = nll_sum = n_tok = 0.0
+    for _, sub in micro_batches(state, batch):
+        hidden, head = response_hidden(state.model, sub)
+        stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
+        out = sft_loss(SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B))
+        state.accelerator.backward(out.loss)
+        loss_sum += out.metrics["loss/sft"]
+        nll_sum += out.metrics["sft/nll_per_token"] * out.metrics["tokens/target"]
+        n_tok += out.metrics["tokens/target"]
+    return {"loss/total": loss_sum, "loss/sft": loss_sum, "sft/nll_per_token": nll_sum / max(n_tok, 1.0), "sft/target_tokens": n_tok}
+
+
+def teacher_role(cfg: RunConfig) -> str | None:
+    return "solutions" if cfg.sft.source == "teacher" else None
+
+
+def labels(cfg: RunConfig) -> list[str]:
+    return [f"sft on {cfg.sft.source} solutions"]
+
+
+SFT = Method(
+    name="sft", sample=sample, audit=audit, backward=backward, prepare=prepare,
+    teacher_role=teacher_role, on_policy=False, departures=no_departures, accumulate=nothing_to_accumulate,
+    labels=labels, not_applicable=always_applicable,
+)
