@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,report,lora,openai,anthropic,gemini,serve
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow report clean
+.PHONY: install demo lint test test-slow report clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/omniopd train recipes/gsm8k-smollm2-cpu.yaml --overwrite
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -126,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from omniopd.audit import run_audit
     from omniopd.config import load_config
-    from omniopd.data import load_examples
+    from omniopd.data import PromptStream, load_examples
     from omniopd.errors import ConfigError
     from omniopd.models import load_model
     from omniopd.prompts import student_messages
     from omniopd.rollout import chat_prompts, sample_rollouts
     from omniopd.teachers import ContinuationRequest, SamplingSpec, build_teacher
-    from omniopd.data import PromptStream
 
     extra = [f"optim.prompts_per_step={args.prompts}"]
     if args.max_new_tokens is not None:

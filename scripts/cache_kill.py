@@ -23,13 +23,16 @@ with FakeProviderServer(latency_s=0.05) as fake:
             "optim": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},
             "data": {"train": str(data)}, "eval": {"before": False, "after": False},
             "checkpoint": {"every_steps": 1, "keep_last": 2}})
-        p = tmp / f"{out.name}.yaml"; p.write_text(dump_config(cfg)); return p
+        p = tmp / f"{out.name}.yaml"
+        p.write_text(dump_config(cfg))
+        return p
     out = tmp / "run"
     r = recipe(out)
     proc = subprocess.Popen([sys.executable, "-m", "omniopd", "train", str(r), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (out / "checkpoints" / "step-000003").is_dir():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     sent_before = fake.count()
     killed_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     print("killed after step", killed_rows[-1]["step"], "| HTTP requests sent so far:", sent_before,

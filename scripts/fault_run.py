@@ -22,7 +22,9 @@ with FakeProviderServer() as fake:
             "rollout": {"samples_per_prompt": 2, "max_new_tokens": 24, "batch_size": 8},
             "optim": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},
             "data": {"train": str(data)}, "eval": {"before": False, "after": False}})
-        p = tmp / f"{out.name}.yaml"; p.write_text(dump_config(cfg)); return p
+        p = tmp / f"{out.name}.yaml"
+        p.write_text(dump_config(cfg))
+        return p
     # 10 rate limits (Retry-After 0.2 s), 10 server errors, 4 responses slower than the 1 s timeout, and
     # 9 more 503s in a row: with 2 retries, some requests exhaust their retries and their chunks are dropped
     ok = Fault(route=route)  # answered normally
@@ -42,7 +44,7 @@ with FakeProviderServer() as fake:
                           env=env, capture_output=True, text=True)
     rs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     print("capped run exit", proc.returncode, "| steps done", len(rs), "| cost at last logged step $%.4f" % rs[-1]["teacher/total_cost_usd"])
-    print("stderr:", [l for l in proc.stderr.splitlines() if l.startswith("omniopd")])
+    print("stderr:", [line for line in proc.stderr.splitlines() if line.startswith("omniopd")])
     print("final/ saved:", (out / "final" / "config.json").is_file())
     # a request that fails with no retry left: its chunk is dropped and counted, the step trains on the rest
     fake.inject(Fault(route=route), Fault(route=route), Fault.server_error(503, route), Fault.rate_limit(0.1, route))

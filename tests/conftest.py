@@ -30,7 +30,7 @@ def tiny_llama(vocab_size: int = 96, hidden: int = 32, layers: int = 2, seed: in
 
 def char_tokenizer(extra_chars: str = ""):
     """A real ``PreTrainedTokenizerFast`` (word-level over characters) with a ChatML template, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(" \n\t.,:;!?'\"#()+-*/=$%<>_|{}[]0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" + extra_chars))
@@ -129,3 +129,17 @@ def loopback_server(reply: bytes = b""):
         stop.set()
         thread.join(2)
         server.close()
+
+
+@pytest.fixture()
+def gsm8k_like(tmp_path):
+    """A small GSM8K-style training file (question, worked answer ending in ``#### n``)."""
+    import json
+
+    path = tmp_path / "train.jsonl"
+    rows = [
+        {"question": f"Tom has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"}
+        for i in range(1, 9)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

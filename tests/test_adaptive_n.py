@@ -8,18 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
 
+from conftest import char_tokenizer, tiny_llama
 from omniopd.audit import round_seed, run_audit
 from omniopd.config import build_config
 from omniopd.core import dm_target
-from omniopd.core.target import (
-    beta_cdf,
-    beta_interval_width,
-    beta_quantile,
-    posterior_settled,
-    posterior_width,
-)
+from omniopd.core.target import beta_cdf, beta_interval_width, beta_quantile, posterior_settled, posterior_width
 from omniopd.data import Example
 from omniopd.errors import ConfigError
 from omniopd.prompts import student_messages

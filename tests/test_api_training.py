@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_tiny import _cfg, gsm8k_like  # noqa: F401 - fixture re-export
+
+from test_train_tiny import _cfg
 
 pytest.importorskip("openai")
 

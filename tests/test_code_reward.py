@@ -9,7 +9,7 @@ import pytest
 
 from omniopd.data import CodeTests, Example
 from omniopd.evaluation import sandbox
-from omniopd.evaluation.code import grade_tests, function_under_test
+from omniopd.evaluation.code import function_under_test, grade_tests
 from omniopd.methods import correctness_reward
 
 ISOLATED, WHY_NOT = sandbox.isolation_available()
@@ -54,7 +54,6 @@ def test_the_reward_cannot_be_forged():
 
 def test_grpo_on_code_prompts_runs_and_logs_the_reward(tiny_model_dir, tmp_path):
     from conftest import tiny_run_config
-
     from omniopd.config import build_config
     from omniopd.trainer import train
 

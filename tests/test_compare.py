@@ -8,9 +8,8 @@ import importlib.util
 
 import pytest
 import yaml
-from conftest import char_tokenizer, tiny_llama
-from test_train_tiny import gsm8k_like  # noqa: F401 - fixture re-export
 
+from conftest import char_tokenizer, tiny_llama
 from omniopd import measures
 from omniopd.config import build_config
 from omniopd.errors import ConfigError

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_config, tiny_run_files
 
+from conftest import tiny_run_config, tiny_run_files
 from omniopd.distributed import combine_metrics, rank_slice
 
 ROOT = Path(__file__).resolve().parents[1]

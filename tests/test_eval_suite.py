@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_tiny import _cfg, gsm8k_like  # noqa: F401 - fixture re-export
 
 from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import answers_match, extract_answer, wilson_interval
 from omniopd.evaluation.runner import HFGenerator, Sample, evaluate, load_problems
+from test_train_tiny import _cfg
 
 
 def test_math_verify_accepts_equivalent_answers_and_rejects_wrong_ones():

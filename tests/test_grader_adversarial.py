@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import loopback_server
 
+from conftest import loopback_server
 from omniopd.data import shared_data_dir
 from omniopd.errors import DataError
 from omniopd.evaluation import sandbox

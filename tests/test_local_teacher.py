@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
 
+from conftest import char_tokenizer, tiny_llama
 from omniopd.alignment import position_ids
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 from omniopd.teachers.local import LocalTeacher

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import tiny_llama, tiny_run_config, tiny_run_files
 
 pytest.importorskip("peft")

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
-from test_train_tiny import _cfg, _params, gsm8k_like  # noqa: F401 - fixture re-export
 
+from conftest import char_tokenizer, tiny_llama
 from omniopd import methods
 from omniopd.config import OPD_TOKENIZER_ERROR
 from omniopd.errors import ConfigError
 from omniopd.trainer import train
+from test_train_tiny import _cfg, _params
 
 SHARED_KEYS = ("loss/total", "optim/lr", "optim/grad_norm", "teacher/tokens", "teacher/tokens_total", "time/step_s", "time/rollout_s")
 ROLLOUT_KEYS = ("rollout/mean_length", "rollout/truncated_frac", "rollout/trajectories")

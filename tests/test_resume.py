@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_tiny import _cfg, gsm8k_like  # noqa: F401 - fixture re-export
 
 from omniopd.checkpoint import list_checkpoints
 from omniopd.config import dump_config
 from omniopd.errors import OmniOPDError
 from omniopd.trainer import train
+from test_train_tiny import _cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 

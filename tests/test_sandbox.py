@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from conftest import loopback_server
-
 from omniopd.evaluation import sandbox
 from omniopd.evaluation.sandbox import (
     SANDBOX_UID_BASE,

@@ -4,16 +4,9 @@ control)."""
 
 from __future__ import annotations
 
-import pytest
-from conftest import char_tokenizer, tiny_llama, tiny_run_files
-
+from conftest import char_tokenizer, tiny_llama
 from omniopd.config import build_config
 from omniopd.signal_check import _self_verdict, check_signal, format_signal
-
-
-@pytest.fixture()
-def gsm8k_like(tmp_path):
-    return tiny_run_files(tmp_path)[1]
 
 
 def test_a_different_teacher_is_compared_with_the_students_own_continuations(tiny_model_dir, gsm8k_like, tmp_path):

@@ -6,21 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
 
+from conftest import char_tokenizer, tiny_llama
 from omniopd.config import build_config
 from omniopd.trainer import train
-
-
-@pytest.fixture()
-def gsm8k_like(tmp_path):
-    path = tmp_path / "train.jsonl"
-    rows = [
-        {"question": f"Tom has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"}
-        for i in range(1, 9)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _cfg(model_dir, data, out, teacher: dict, **extra):

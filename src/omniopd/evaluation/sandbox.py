@@ -54,8 +54,8 @@ import functools
 import glob
 import json
 import os
-import select
 import secrets
+import select
 import shutil
 import signal
 import subprocess

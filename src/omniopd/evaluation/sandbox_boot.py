@@ -197,13 +197,12 @@ def _supervise(note, deadline):
 
 def _install_guards(root, block_socket):
     """Step 4: refusals at the Python level (a second layer; C code and ``_io.FileIO`` get past them)."""
+    import _io
+    import _posixsubprocess
     import builtins
     import io
     import posix
     import subprocess
-
-    import _io
-    import _posixsubprocess
 
     realpath, join, isabs, getcwd, readlink = os.path.realpath, os.path.join, os.path.isabs, os.getcwd, os.readlink
     fspath, fsdecode, sep = os.fspath, os.fsdecode, os.sep

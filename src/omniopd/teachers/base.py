@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+
 @dataclass(frozen=True)
 class ContinuationRequest:
     question: str  # the task as the student saw it (before the chat template)
