@@ -37,32 +37,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
 import logging
 import math
 import os
 import random
-import re
 import threading
 import time
 from abc import abstractmethod
-from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlparse
 
 from omniopd.errors import ConfigError, TeacherError
-from omniopd.stats import mix_seed, percentile
+from omniopd.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
+from omniopd.teachers.ledger import BudgetLedger
+from omniopd.teachers.retry import Failure, classify_exception, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
-FATAL_STATUS = frozenset({401, 403, 404})
 LOCAL_DUMMY_KEY = "sk-no-key-required"
 Dispatch = Literal["warm_first", "sequential", "parallel"]
 
@@ -121,191 +118,6 @@ class RuntimeOptions:
             raise ConfigError(f"teacher max_cost_usd must be > 0, got {self.max_cost_usd}")
         if self.max_total_tokens is not None and self.max_total_tokens <= 0:
             raise ConfigError(f"teacher max_total_tokens must be > 0, got {self.max_total_tokens}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Budget ledger
-# --------------------------------------------------------------------------------------------------
-
-
-class BudgetLedger:
-    """Counts what the teacher spent; raises :class:`TeacherError` when a cap is reached.
-
-    Latency percentiles are over the last ``latency_window`` successful requests. Thread-safe.
-    """
-
-    def __init__(
-        self,
-        price_input_per_mtok: float = 0.0,
-        price_output_per_mtok: float = 0.0,
-        max_cost_usd: float | None = None,
-        max_total_tokens: int | None = None,
-        latency_window: int = 10_000,
-    ) -> None:
-        self.price_input_per_mtok = price_input_per_mtok
-        self.price_output_per_mtok = price_output_per_mtok
-        self.max_cost_usd = max_cost_usd
-        self.max_total_tokens = max_total_tokens
-        self.requests = 0
-        self.retries = 0
-        self.failed_requests = 0
-        self.tokens_in = 0
-        self.tokens_out = 0
-        self.cache_hits = 0
-        self.topup_requests = 0
-        self.identical_chunks = 0
-        self._latencies: deque[float] = deque(maxlen=latency_window)
-        self._lock = threading.Lock()
-
-    @property
-    def cost_usd(self) -> float:
-        return (self.tokens_in * self.price_input_per_mtok + self.tokens_out * self.price_output_per_mtok) / 1e6
-
-    def check(self) -> None:
-        """Called before each new request."""
-        with self._lock:
-            cost, total = self.cost_usd, self.tokens_in + self.tokens_out
-        if self.max_cost_usd is not None and cost >= self.max_cost_usd:
-            raise TeacherError(
-                f"teacher budget reached: estimated cost ${cost:.4f} >= max_cost_usd ${self.max_cost_usd:.4f} "
-                f"after {self.requests} requests ({self.tokens_in} tokens in, {self.tokens_out} out); "
-                "raise the cap or resume with the response cache"
-            )
-        if self.max_total_tokens is not None and total >= self.max_total_tokens:
-            raise TeacherError(
-                f"teacher budget reached: {total} tokens >= max_total_tokens {self.max_total_tokens} "
-                f"after {self.requests} requests; raise the cap or resume with the response cache"
-            )
-
-    def record_request(self) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def record_success(self, tokens_in: int, tokens_out: int, latency_s: float) -> None:
-        with self._lock:
-            self.tokens_in += tokens_in
-            self.tokens_out += tokens_out
-            self._latencies.append(latency_s)
-
-    def record_retry(self) -> None:
-        with self._lock:
-            self.retries += 1
-
-    def record_failure(self) -> None:
-        with self._lock:
-            self.failed_requests += 1
-
-    def record_cache_hit(self) -> None:
-        with self._lock:
-            self.cache_hits += 1
-
-    def record_topup(self, count: int = 1) -> None:
-        with self._lock:
-            self.topup_requests += count
-
-    def record_identical(self) -> None:
-        with self._lock:
-            self.identical_chunks += 1
-
-    def snapshot(self) -> dict[str, float]:
-        """Cumulative metrics, namespaced for the run log."""
-        with self._lock:
-            lat = sorted(self._latencies)
-            return {
-                "teacher/requests": float(self.requests),
-                "teacher/retries": float(self.retries),
-                "teacher/failed_requests": float(self.failed_requests),
-                "teacher/tokens_in": float(self.tokens_in),
-                "teacher/tokens_out": float(self.tokens_out),
-                "teacher/latency_p50_s": percentile(lat, 0.50),
-                "teacher/latency_p95_s": percentile(lat, 0.95),
-                "teacher/cost_usd": self.cost_usd,
-                "teacher/cache_hits": float(self.cache_hits),
-                "teacher/topup_requests": float(self.topup_requests),
-                "teacher/identical_chunks": float(self.identical_chunks),
-            }
-
-
-# --------------------------------------------------------------------------------------------------
-# Error classification
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Failure:
-    retryable: bool
-    fatal: bool
-    message: str
-    retry_after_s: float | None = None
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (delta-seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    try:
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-        value = headers.get("retry-after")
-    except (AttributeError, ValueError):
-        return None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-_DURATION = re.compile(r"^\s*([0-9.]+)s\s*$")
-
-
-def _retry_delay_from_body(details: Any) -> float | None:
-    """Gemini puts ``{"@type": ".../RetryInfo", "retryDelay": "12s"}`` in ``error.details``."""
-    if not isinstance(details, dict):
-        return None
-    err = details.get("error", details)
-    for item in err.get("details", []) if isinstance(err, dict) else []:
-        if isinstance(item, dict) and isinstance(item.get("retryDelay"), str):
-            m = _DURATION.match(item["retryDelay"])
-            if m:
-                return float(m.group(1))
-    return None
-
-
-def http_status(exc: BaseException) -> int | None:
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        return status
-    code = getattr(exc, "code", None)  # google.genai.errors.APIError
-    if isinstance(code, int) and hasattr(exc, "details"):
-        return code
-    return None
-
-
-def classify_exception(exc: BaseException, transient: tuple[type[BaseException], ...]) -> Failure | None:
-    """How to treat an exception from one request; None for an unknown exception (a bug: re-raise)."""
-    if isinstance(exc, TimeoutError):  # asyncio.wait_for's timeout
-        return Failure(retryable=True, fatal=False, message="timeout")
-    status = http_status(exc)
-    if status is not None:
-        response = getattr(exc, "response", None)
-        retry_after = parse_retry_after(getattr(response, "headers", None))
-        if retry_after is None:
-            retry_after = _retry_delay_from_body(getattr(exc, "details", None) or getattr(exc, "body", None))
-        message = f"HTTP {status}: {str(exc)[:300]}"
-        if status in FATAL_STATUS:
-            return Failure(retryable=False, fatal=True, message=message)
-        return Failure(retryable=status in RETRYABLE_STATUS, fatal=False, message=message, retry_after_s=retry_after)
-    if transient and isinstance(exc, transient):
-        return Failure(retryable=True, fatal=False, message=f"{type(exc).__name__}: {str(exc)[:300]}")
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
