@@ -1,0 +1,168 @@
+"""The arms of a comparison: their configs (the shared budget enforced), departures, and training each in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omniopd.config import RunConfig, apply_overrides, build_config, dump_config, read_recipe, set_dotted
+from omniopd.errors import ConfigError
+from omniopd.methods import METHODS, Method
+from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F401 - the status of such a row
+
+BASE = "base"  # the pseudo-method of an arm that is not trained: the student as it is
+
+# settings every arm shares: an arm that changed them would not be compared on the same budget
+SHARED_KEYS = ("student", "seed", "max_steps", "optim.prompts_per_step", "rollout.samples_per_prompt", "data", "eval",
+               "output_dir", "method", "compare", "resume")
+
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def is_base(variant) -> bool:
+    """The arm (a ``compare.variants`` entry or a result row) is the untrained student."""
+    method = variant["method"] if isinstance(variant, dict) else variant.method
+    return method == BASE
+
+
+def method_of(cfg: RunConfig) -> Method:
+    return METHODS[cfg.method]
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}, so every override is checked and applied by its full key."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _touches(key: str, shared: str) -> bool:
+    return key == shared or key.startswith(shared + ".") or shared.startswith(key + ".")
+
+
+def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig, dict[str, RunConfig | None]]:
+    """The recipe's config and one validated config per arm (None for ``base``); raises on any bad arm."""
+    data = apply_overrides(read_recipe(recipe), overrides)
+    cfg = build_config(data)
+    if not cfg.compare.variants:
+        raise ConfigError("compare.variants: empty; list the arms to compare, e.g. [{name: base, method: base}, {name: sft, method: sft}]")
+    out = Path(cfg.output_dir)
+    arm_data = {k: v for k, v in data.items() if k != "compare"}
+    configs: dict[str, RunConfig | None] = {}
+    for v in cfg.compare.variants:
+        flat = _flatten(v.overrides)
+        bad = [k for k in flat for s in SHARED_KEYS if _touches(k, s)]
+        if bad:
+            raise ConfigError(f"compare variant {v.name}: '{bad[0]}' must be the same for every arm (set it in the recipe, not in a variant)")
+        if is_base(v):
+            if v.overrides:
+                raise ConfigError(f"compare variant {v.name}: method base (no training) takes no overrides")
+            configs[v.name] = None
+            continue
+        fixed = {"method": v.method, "output_dir": str(out / "runs" / v.name), "eval.before": False, "eval.after": False, "resume": False}
+        try:
+            configs[v.name] = build_config(set_dotted(set_dotted(arm_data, flat), fixed))
+        except ConfigError as err:
+            raise ConfigError(f"compare variant {v.name}: {err}") from None
+    return cfg, configs
+
+
+def departures(cfg: RunConfig | None) -> list[str]:
+    """What makes this arm differ from the paper's method or the baselines' usual form (labelled), and the
+    settings its method names (sft's source, opd's estimator); none for ``base``."""
+    if cfg is None:
+        return []
+    method = method_of(cfg)
+    return method.departures(cfg) + method.labels(cfg)
+
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _last_error(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith("omniopd: error:")]
+    if errs:
+        return errs[-1].removeprefix("omniopd: error:").strip()
+    tb = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))]
+    return tb[-1][:300] if tb else "no output"
+
+
+def _final_answer_share(records: list[dict]) -> dict:
+    """Share of answers that state a final answer explicitly (``#### x`` or ``\\boxed{x}``), whether or
+    not it is right; an answer graded only through its last number does not count."""
+    from omniopd.evaluation.mathgrade import extract_answer
+    from omniopd.measures import share
+
+    return share([extract_answer(r["output"]).rule in ("hash", "boxed") for r in records])
+
+
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """The finished arm's config equals ``cfg`` (read through the current schema: a field added to omniopd
+    since that run was trained counts at its default, so upgrading does not retrain every arm)."""
+    import yaml
+
+    from omniopd.config import normalized
+
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return normalized(saved) == cfg.model_dump(mode="json")
+
+
+def arm_finished(cfg: RunConfig) -> bool:
+    """Whether the arm's run finished with this config (its summary.json is written last)."""
+    run_dir = Path(cfg.output_dir)
+    return ((run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
+            and _same_config(run_dir / "config.yaml", cfg))
+
+
+def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpoints: bool = False) -> dict:
+    run_dir = Path(cfg.output_dir)
+    text = dump_config(cfg)
+    summary_path = run_dir / "summary.json"
+    if not rerun and arm_finished(cfg):
+        # a finished arm; its final/ may be gone (a results folder committed without the weights): its
+        # measures are then read from the cache, keyed by the run's summary, not by the model files
+        s = json.loads(summary_path.read_text())
+        kept = (run_dir / "final").is_dir()
+        return {"status": "ok (reused)" if kept else "ok (reused results; final/ not kept)",
+                "train_wall_s": s.get("wall_time_s"), "teacher_tokens": s.get("teacher_tokens"),
+                "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
+    cfg_path = out / "configs" / f"{name}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(text)
+    log_path = out / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    src = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    summary_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "omniopd", "train", str(cfg_path), "--overwrite", "--no-progress"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not summary_path.is_file():
+        return {"status": f"failed (exit {proc.returncode}): {_last_error(log_path.read_text(encoding='utf-8', errors='replace'))}",
+                "train_wall_s": wall, "model": None}
+    s = json.loads(summary_path.read_text())
+    if not keep_checkpoints:  # the arm is finished: final/ is what gets measured, the resume state is dead weight
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {"status": "ok", "train_wall_s": wall, "teacher_tokens": s.get("teacher_tokens"),
+            "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
