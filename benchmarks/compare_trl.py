@@ -179,7 +179,7 @@ def prompt_order(cfg, examples, steps: int) -> list[list]:
     """The prompts of OmniOPD's first ``steps`` steps: the trainer's own seeded stream, replayed."""
     from omniopd.data import PromptStream
 
-    stream = PromptStream(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream.from_config(cfg, examples)
     return [stream.next_batch() for _ in range(steps)]
 
 

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         t.continue_prefixes([warm], SamplingSpec(n=2, max_new_tokens=2, seed=0))
         t.prefill_stats.update(computed=0, reused=0)
 
-    stream = PromptStream(load_examples(cfg.data.train), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream.from_config(cfg, load_examples(cfg.data.train))
     ro_cfg = cfg.rollout
     acc = {name: {"trajectories": 0, "chunks": 0, "tokens_in": 0, "tokens_out": 0, "prompt_positions": 0,
                   "requests": 0, "calls": 0, "audit_s": 0.0, "teacher_s": 0.0, "phi_s": 0.0,

@@ -369,6 +369,14 @@ class PromptStream:
         self.epoch, self.cursor = 0, 0
         self._order = self._make_order()
 
+    @classmethod
+    def from_config(cls, cfg, examples: list[Example] | None = None) -> "PromptStream":
+        """The run's stream: ``optim.prompts_per_step`` prompts a step, in the order ``seed`` and
+        ``data.shuffle`` give, over ``examples`` (default: the training set, checked for evaluation overlap)."""
+        if examples is None:
+            examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap)
+        return cls(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+
     def _make_order(self) -> list[int]:
         if not self.shuffle:
             return list(range(len(self.examples)))

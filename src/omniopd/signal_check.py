@@ -33,7 +33,6 @@ import torch
 
 from omniopd.audit import phi_by_name, run_audit
 from omniopd.config import RunConfig, build_config
-from omniopd.data import load_train_examples
 from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
@@ -155,7 +154,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
     self_teacher = _self_teacher(cfg, model, tok)
     from omniopd.data import PromptStream
 
-    stream = PromptStream(load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap), cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream.from_config(cfg)
     # scoring is redone below for each phi; the controls are scored on the same N continuations, so always N
     audit_cfg = cfg.audit.model_copy(update={"phi": "ned", "adaptive_n": False})
     chunks: list[dict] = []

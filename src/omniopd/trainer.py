@@ -86,7 +86,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
-    stream = PromptStream(train_examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream.from_config(cfg, train_examples)
     from omniopd.loggers import MetricLoggers
 
     loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name) if main else None

@@ -46,7 +46,7 @@ class SFTTarget:
 
 def visited_examples(examples: list[Example], cfg: RunConfig) -> list[Example]:
     """The prompts a run of ``cfg.max_steps`` steps will see, in order (a fresh copy of its stream)."""
-    stream = PromptStream(examples, cfg.optim.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    stream = PromptStream.from_config(cfg, examples)
     seen: dict[str, Example] = {}
     for _ in range(cfg.max_steps):
         for ex in stream.next_batch():
