@@ -160,6 +160,7 @@ def restore(state: TrainState, ckpt: Path) -> None:
     saved = load_trainer_state(ckpt)
     load_into(ckpt, model=state.accelerator.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
     state.step = int(saved["step"])
+    state.last_checkpoint = state.step
     state.stream.load_state_dict(saved["stream"])
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
     if state.accelerator.num_processes > 1:  # the checkpoint holds the main rank's RNG: give each rank its own
@@ -189,6 +190,7 @@ def checkpoint(state: TrainState) -> Path | None:
     if state.accelerator.is_main_process:
         path = _save_checkpoint(state)
     state.accelerator.wait_for_everyone()
+    state.last_checkpoint = state.step
     return path
 
 
@@ -415,7 +417,9 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     state.teacher.close()
     if state.loggers is not None:
         state.loggers.close()
-    if not list_checkpoints(state.out_dir) or load_trainer_state(list_checkpoints(state.out_dir)[-1])["step"] != state.step:
+    # decided from what every rank knows, not from the checkpoint folder, which the main process may be
+    # writing while another rank looks (the ranks would then disagree about this collective call)
+    if state.last_checkpoint != state.step:
         checkpoint(state)
     if not main:  # the final model, its evaluation and the summary are the main process's
         state.accelerator.wait_for_everyone()

@@ -52,6 +52,7 @@ class TrainState:
     step: int = 0
     totals: dict[str, float] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
+    last_checkpoint: int | None = None  # the step of the newest checkpoint (every rank keeps the same)
 
 
 @dataclass
