@@ -188,11 +188,12 @@ def test_always_equal_objects_fail(benchmark, kind):
 
 
 def test_honest_subclasses_of_plain_types_still_pass():
-    # a namedtuple where a tuple is expected and a Counter where a dict is: equal in the references too
-    code = ("from collections import namedtuple\nPair = namedtuple('Pair', 'a b')\n"
-            "def similar_elements(t1, t2):\n    r = tuple(set(t1) & set(t2))\n    return r\n")
+    # a tuple subclass where a tuple is expected, an int subclass where a bool is: equal in the references too
+    code = ("class Shared(tuple):\n    pass\n\n"
+            "def similar_elements(t1, t2):\n    return Shared(set(t1) & set(t2))\n")
     assert grade_code("mbppplus", "Mbpp/2", code).passed
-    code = "class Flag(int):\n    pass\n\ndef is_not_prime(n):\n    return bool(n < 2 or any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)))\n"
+    code = ("class Flag(int):\n    pass\n\n"
+            "def is_not_prime(n):\n    return Flag(n < 2 or any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)))\n")
     assert grade_code("mbppplus", "Mbpp/3", code).passed
 
 
@@ -327,7 +328,11 @@ def test_nothing_of_the_machine_is_in_view(tmp_path):
     assert_fails(g)
     line = next(x for x in g.detail.splitlines() if "root=" in x)
     assert "outside=[]" in line and "cwd=/sandbox" in line, line
-    assert "root=['dev', 'lib', 'lib64', 'proc'" in line or "'sandbox'" in line, line
+    # the root holds the runtime's top-level folders, /dev, /proc and /sandbox, nothing else
+    paths, _ = sandbox.runtime_view()
+    allowed = {p.split("/")[1] for p in paths} | {"dev", "proc", "sandbox"}
+    seen = eval(line.split("root=")[1].split(" outside=")[0])  # the listing the program printed
+    assert "sandbox" in seen and set(seen) <= allowed, (seen, allowed)
 
 
 def test_a_root_only_file_stays_unreadable_even_in_view(tmp_path, monkeypatch):

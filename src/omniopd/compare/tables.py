@@ -153,9 +153,9 @@ def write_tables(out: Path, cfg: RunConfig, rows: list[dict], signal: dict | Non
               "task's function at top level (`def name(`; for code that does not parse, a `def name(` line).",
               f"- **hit length limit** (code): no EOS within {e.max_new_tokens} tokens. **mean length**: generated tokens, bootstrap over "
               "problems. Shares: Wilson intervals."]
-    L += [f"- **reverse KL to teacher**: {kl_note or 'n/a'}; token-weighted mean, bootstrap over rollouts. "
-          f"The rollouts were sampled once from the base student (temperature {cfg.rollout.temperature:g}, seed {cfg.seed}+4242) on the first "
-          f"{cfg.compare.kl_rollouts} `{e.data}` problems.",
+    kl_rollouts = (f" The rollouts were sampled once from the base student (temperature {cfg.rollout.temperature:g}, seed "
+                   f"{cfg.seed}+4242) on the first {cfg.compare.kl_rollouts} `{e.data}` problems." if cfg.compare.kl_rollouts else "")
+    L += [f"- **reverse KL to teacher**: {kl_note or 'n/a'}; token-weighted mean, bootstrap over rollouts.{kl_rollouts}",
           "- **departures** (off by default in the paper's method, labelled wherever they are used): centred target "
           "(chunk weight π̂ − mean π̂ of the step, can push chunks down), embedding φ (all-MiniLM-L6-v2 cosine clipped to [0, 1]), "
           "adaptive N (teacher asked in rounds; a chunk stops before N once its 95% posterior interval is narrow enough), "

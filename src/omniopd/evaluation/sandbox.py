@@ -342,8 +342,10 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=None)
 def program_text(name: str) -> str:
-    """The source of one of this package's program files (shipped as package data)."""
+    """The source of one of this package's program files (read once per process: every grade sends
+    the bootstrap and two programs)."""
     return resources.files("omniopd.evaluation").joinpath(name).read_text(encoding="utf-8")
 
 
