@@ -391,3 +391,45 @@ def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gs
     assert explicit.measure("base", str(tiny_model_dir))["accuracy"] == old["accuracy"]
     assert _benchmark_labels(["gsm8k-dev", "/a/train.jsonl", "/b/train.jsonl.gz", "humaneval"]) == {
         "gsm8k-dev": "gsm8k-dev", "/a/train.jsonl": "train", "/b/train.jsonl.gz": "train-2", "humaneval": "humaneval"}
+
+
+def test_an_arm_stopped_part_way_resumes_from_its_checkpoint(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
+    """A comparison that ended mid-arm (a killed session) continues that arm from its last checkpoint, and ends
+    where an uninterrupted arm does; a checkpoint written under another config is discarded, not resumed."""
+    import json
+    import shutil
+
+    from omniopd.compare import run_compare
+
+    monkeypatch.setenv("OMNIOPD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    recipe = _base_recipe(tiny_model_dir, gsm8k_like, out)
+    recipe["max_steps"] = 3
+    recipe["checkpoint"] = {"every_steps": 1, "keep_last": 3}
+    recipe["compare"] = {"signal_steps": 0, "kl_rollouts": 0, "keep_checkpoints": True, "variants": [
+        {"name": "base", "method": "base"}, {"name": "omniopd", "method": "omniopd", "overrides": {"optim.lr": 5e-4}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    whole = run_compare(path, [], progress=False)
+    run = out / "runs" / "omniopd"
+    assert {r["name"]: r["status"] for r in whole["rows"]}["omniopd"] == "ok"
+    uninterrupted = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in uninterrupted] == [1, 2, 3]
+
+    # the state of a session that ended during step 3: no summary, no final model, checkpoints of steps 1-2
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    again = run_compare(path, [], progress=False)
+    assert {r["name"]: r["status"] for r in again["rows"]}["omniopd"] == "ok (resuming from step-000002)"
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5, abs=1e-7)
+
+    # a checkpoint written under another config (here: another learning rate) is not resumed: trained anew
+    (run / "summary.json").unlink()
+    recipe["compare"]["variants"][1]["overrides"]["optim.lr"] = 1e-4
+    path.write_text(yaml.safe_dump(recipe))
+    third = run_compare(path, [], progress=False)
+    assert {r["name"]: r["status"] for r in third["rows"]}["omniopd"] == "ok"

@@ -34,7 +34,9 @@ in ``output_dir/runs/NAME`` (its ``checkpoints/`` removed once it finished, unle
 ``compare.keep_checkpoints``) and its log in ``output_dir/logs/NAME.log``; the graded answers in
 ``output_dir/eval/NAME_predictions.jsonl`` (``eval.data``) and ``output_dir/eval/NAME_BENCHMARK_predictions.jsonl``
 (any other benchmark). A finished arm whose ``config.yaml`` matches is reused (``--rerun`` trains it
-again); measurements are cached the same way, per benchmark (adding a benchmark measures only that one).
+again); an arm stopped part-way (a killed session) continues from its newest checkpoint written under the
+same config (``checkpoint.every_steps``); measurements are cached the same way, per benchmark (adding a
+benchmark measures only that one).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
                 raise ConfigError(f"compare variant {v.name}: method base (no training) takes no overrides")
             configs[v.name] = None
             continue
-        fixed = {"method": v.method, "output_dir": str(out / "runs" / v.name), "eval.before": False, "eval.after": False, "resume": False}
+        fixed = {"method": v.method, "output_dir": str(out / "runs" / v.name), "eval.before": False, "eval.after": False, "resume": "auto"}
         try:
             configs[v.name] = build_config(set_dotted(set_dotted(arm_data, flat), fixed))
         except ConfigError as err:
@@ -111,9 +111,13 @@ def _final_answer_share(records: list[dict]) -> dict:
     return share([extract_answer(r["output"]).rule in ("hash", "boxed") for r in records])
 
 
-def _same_config(path: Path, cfg: RunConfig) -> bool:
-    """The finished arm's config equals ``cfg`` (read through the current schema: a field added to omniopd
-    since that run was trained counts at its default, so upgrading does not retrain every arm)."""
+# run-control fields that do not change what an arm trains
+_RUN_CONTROL = ("checkpoint", "resume", "report_to")
+
+
+def _same_config(path: Path, cfg: RunConfig, ignore: tuple[str, ...] = _RUN_CONTROL) -> bool:
+    """The arm's saved config equals ``cfg`` but for ``ignore`` (read through the current schema: a field added
+    to omniopd since that run was trained counts at its default, so upgrading does not retrain every arm)."""
     import yaml
 
     from omniopd.config import normalized
@@ -122,7 +126,20 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return normalized(saved) == cfg.model_dump(mode="json")
+    current = cfg.model_dump(mode="json")
+    return {k: v for k, v in normalized(saved).items() if k not in ignore} == {k: v for k, v in current.items() if k not in ignore}
+
+
+def _resumable(cfg: RunConfig) -> Path | None:
+    """The newest checkpoint of an unfinished arm trained with this config, or None (any other checkpoints,
+    written under another config, are removed so the arm trains from the start)."""
+    from omniopd.checkpoint import checkpoint_root, list_checkpoints
+
+    ckpts = list_checkpoints(Path(cfg.output_dir))
+    if ckpts and _same_config(ckpts[-1] / "config.yaml", cfg):
+        return ckpts[-1]
+    shutil.rmtree(checkpoint_root(Path(cfg.output_dir)), ignore_errors=True)
+    return None
 
 
 def arm_finished(cfg: RunConfig) -> bool:
@@ -153,8 +170,19 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     summary_path.unlink(missing_ok=True)
+    if rerun:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    resumed = _resumable(cfg)  # an arm stopped part-way (a session that ended) continues from its checkpoint
+    if resumed is not None:
+        say = f"resuming from {resumed.name}"
+        log_mode = "a"
+    else:
+        say, log_mode = "", "w"
     t0 = time.perf_counter()
-    with log_path.open("w", encoding="utf-8") as log:
+    with log_path.open(log_mode, encoding="utf-8") as log:
+        if say:
+            log.write(f"omniopd compare: {say}\n")
+            log.flush()
         proc = subprocess.run([sys.executable, "-m", "omniopd", "train", str(cfg_path), "--overwrite", "--no-progress"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -164,5 +192,5 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
     s = json.loads(summary_path.read_text())
     if not keep_checkpoints:  # the arm is finished: final/ is what gets measured, the resume state is dead weight
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"status": "ok", "train_wall_s": wall, "teacher_tokens": s.get("teacher_tokens"),
+    return {"status": f"ok ({say})" if say else "ok", "train_wall_s": wall, "teacher_tokens": s.get("teacher_tokens"),
             "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
