@@ -1,7 +1,7 @@
 """Seconds per training step: OmniOPD at the default recipe's shapes against TRL's DistillationTrainer.
 
     python benchmarks/compare_trl.py --output compare_trl.json [--steps 5] [--warmup 1] [--max-new-tokens N]
-                                     [--order interleaved|sequential] [--recipe R] [key=value ...]
+                                     [--order interleaved|sequential] [--quick] [--recipe R] [key=value ...]
 
 Needs TRL (``pip install 'omniopd[bench]'``); exits with one line saying so when it is missing.
 
@@ -32,13 +32,19 @@ top-k), one micro-batch, AdamW with the recipe's learning rate, betas and weight
 learning rate, gradient clipping at max_grad_norm, no dropout, no gradient checkpointing (TRL turns
 it on by default; OmniOPD does not use it), no logging, reporting or checkpoints.
 
-Not the same work: per step OmniOPD also runs a no-grad student forward for the entropy, has the
-teacher generate N continuations of C tokens at up to M chunks of every trajectory, and scores them
-with phi; its loss forward runs the student with grad and the frozen reference without (the KL
+Not the same work: per step OmniOPD also has the teacher generate N continuations of C tokens at up
+to M chunks of every trajectory, and scores them with phi (the entropy is recorded while sampling; only
+where the student's checkpoint adds its own logits processors does a no-grad student forward compute it); its loss forward runs the student with grad and the frozen reference without (the KL
 anchor, full vocabulary). TRL's loss forward runs the student with grad and the teacher without (the
 full-vocabulary divergence). TRL reads the teacher's logits; OmniOPD reads only the teacher's text.
 Sampled lengths differ between the sides and between steps, so every step's generated tokens are
 recorded, and ``ratio_median_without_generation`` compares the steps less their generation phase.
+
+Decoding: OmniOPD decodes as ``rollout.compile`` says (``auto``: compiled static-cache decoding on CUDA, plain
+on the CPU; ``decoding`` in the output names the mode, the compile seconds and where the entropy came from;
+the compilation falls in the warm-up step), TRL with its own plain ``generate``.
+
+``--quick`` runs 2 steps per side (1 warm-up) at tiny shapes: a check that the script runs, not a measurement.
 
 ``--order interleaved`` (default) alternates the two step by step (TRL's step k, then OmniOPD's step
 k, run from the TrainerCallback outside TRL's timed span), so that load from elsewhere on the machine
@@ -60,7 +66,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_breakdown import PHASES, ROOT, machine  # noqa: E402
+from step_breakdown import PHASES, QUICK_OVERRIDES, ROOT, decoding_info, machine  # noqa: E402
 
 TARGET_RATIO = 1.3
 TARGET = f"omniopd <= {TARGET_RATIO}x TRL's step while using no teacher logits"
@@ -265,9 +271,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="override rollout.max_new_tokens on both sides")
     ap.add_argument("--order", choices=["interleaved", "sequential"], default="interleaved")
+    ap.add_argument("--quick", action="store_true", help="2 steps per side at tiny shapes: checks that the script runs")
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "gsm8k-smollm2-cpu.yaml"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+        args.overrides = [*QUICK_OVERRIDES, *args.overrides]
     if not 0 <= args.warmup < args.steps:
         ap.error(f"--warmup must be at least 0 and less than --steps, got --warmup {args.warmup} --steps {args.steps}")
     trl = require_trl()
@@ -311,7 +321,7 @@ def main() -> None:
     omni_per_step = [
         {name: r[key] for name, key in PHASES.items()}
         | {"step_s": r["time/step_s"], "mean_length": r["rollout/mean_length"], "generated_tokens": r["rollout/mean_length"] * B,
-           "chunks": r["audit/chunks"]}
+           "chunks": r["audit/chunks"], "compile_s": r.get("time/compile_s", 0.0)}
         for r in omni_rows
     ]
     expected_ids = [[ex.id for ex in batch for _ in range(cfg.rollout.samples_per_prompt)] for batch in batches]
@@ -331,6 +341,7 @@ def main() -> None:
         "trl_step_s_median": trl_step,
         "steps": args.steps,
         "warmup": args.warmup,
+        "quick": args.quick,
         "order": args.order,
         "same_prompts_per_step": same_prompts,
         "shapes": {
@@ -361,6 +372,7 @@ def main() -> None:
             "per_step_s": [r["step_s"] for r in omni_per_step],
             "per_step": omni_per_step,
             "setup_s": omniopd_setup_s,
+            "decoding": decoding_info(cfg, omni_rows),
         },
         "trl": {
             "version": trl.__version__,
@@ -378,7 +390,7 @@ def main() -> None:
             "setup_s": trl_setup_s,
         },
         "differences": [
-            "omniopd per step: generation, a no-grad student forward (entropy), teacher generation of N continuations x C tokens"
+            "omniopd per step: generation (recording the entropy), teacher generation of N continuations x C tokens"
             " at up to M chunks per trajectory, phi, student forward+backward with a no-grad frozen-reference forward (KL anchor), optimizer",
             "TRL per step: generation, student forward+backward with a no-grad teacher forward and a full-vocabulary divergence on every"
             " completion token, optimizer",

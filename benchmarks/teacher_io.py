@@ -94,6 +94,7 @@ def run_level(server: ServerProcess, in_flight: int, n_requests: int) -> dict[st
         base_url=server.url + "/v1",
         api_key_env="OMNIOPD_BENCH_UNSET_KEY",
         max_concurrency=in_flight,
+        adaptive_concurrency=False,  # exactly in_flight requests at once, as the bare-SDK baseline
         timeout_s=30.0,
         max_retries=0,
     )

@@ -17,7 +17,7 @@ with FakeProviderServer() as fake:
             "output_dir": str(out), "max_steps": steps, "student": {"name": str(student)},
             "teacher": {"type": "openai-completions", "model": "fake", "base_url": fake.url + "/v1", "api_key_env": "UNSET_KEY_X",
                         "cache": False, "timeout_s": 1.0, "max_retries": 2, "max_concurrency": 1,
-                        "options": {"backoff_base_s": 0.05, "backoff_max_s": 0.5}, **teacher},
+                        "backoff_base_s": 0.05, "backoff_max_s": 0.5, **teacher},
             "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3, "max_failed_chunk_frac": 0.5},
             "rollout": {"samples_per_prompt": 2, "max_new_tokens": 24, "batch_size": 8},
             "optim": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},

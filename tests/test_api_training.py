@@ -33,7 +33,7 @@ def _api_cfg(tiny_model_dir, data, out, fake, **teacher):
     base = _cfg(tiny_model_dir, data, out, {"type": "local"}).model_dump(mode="json")
     base["teacher"] = {"type": "openai-completions", "model": "fake-teacher", "base_url": fake.url + "/v1",
                        "api_key_env": NO_KEY_ENV, "cache": False, "max_concurrency": 4, "timeout_s": 2.0,
-                       "options": {"backoff_base_s": 0.01, "backoff_max_s": 0.05}, **teacher}
+                       "backoff_base_s": 0.01, "backoff_max_s": 0.05, **teacher}
     base["eval"]["after"] = False
     base["audit"]["max_failed_chunk_frac"] = 0.9
     return build_config(base)

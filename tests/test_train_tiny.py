@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd.config import build_config
+from omniopd.config import API_TEACHER_TYPES, build_config
 from omniopd.trainer import train
 
 
@@ -19,7 +19,8 @@ def _cfg(model_dir, data, out, teacher: dict, **extra):
         "max_steps": 2,
         "seed": 0,
         "student": {"name": str(model_dir)},
-        "teacher": {"batch_size": 16, **teacher},
+        # batch_size is an in-process teacher's setting; an API teacher type does not take it
+        "teacher": dict(teacher) if teacher.get("type") in API_TEACHER_TYPES else {"batch_size": 16, **teacher},
         "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3},
         "rollout": {"samples_per_prompt": 2, "max_new_tokens": 24, "batch_size": 8},
         "optim": {"lr": 1e-3, "prompts_per_step": 2, "micro_batch_size": 2},

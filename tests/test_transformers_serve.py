@@ -196,8 +196,9 @@ def test_omniopd_step_through_a_real_server(served: dict[str, Any], tmp_path: Pa
         "output_dir": str(out), "max_steps": 1,
         "student": {"name": served["model"]},
         "teacher": {"type": teacher_type, "model": served["model"], "base_url": served["url"] + "/v1",
-                    "api_key_env": NO_KEY_ENV, "tokenizer": served["model"], "cache": False,
-                    "max_concurrency": 4, "timeout_s": 60.0},
+                    "api_key_env": NO_KEY_ENV, "cache": False, "max_concurrency": 4, "timeout_s": 60.0,
+                    # the tokenizer whose chat template frames the prefix: read by the completion protocol only
+                    **({"tokenizer": served["model"]} if teacher_type == "openai-completions" else {})},
         "audit": {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 2},
         "rollout": {"samples_per_prompt": 1, "max_new_tokens": 12, "batch_size": 4},
         "optim": {"prompts_per_step": 2, "micro_batch_size": 2, "lr": 1e-3},

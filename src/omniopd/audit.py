@@ -4,8 +4,12 @@ Input: a batch of student rollouts. Output: for every trajectory, the start of e
 its target pi_hat, plus metrics and human-readable audit records (``audits.jsonl``).
 
 Fidelity notes, in the order the code enforces them:
-- entropy and log-probs come from a fresh no-grad forward of the current student over the finished
-  sequences, exact over the full vocabulary, fp32, in position slices;
+- entropy and log-probs are those of the unmodified distribution each token was drawn from, exact over
+  the full vocabulary, fp32: recorded by the rollout while sampling (``token_stats=``, see
+  ``omniopd.rollout``), or else from a fresh no-grad forward of the current student over the finished
+  sequences, in position slices (:func:`student_token_stats`). The two agree up to float rounding (the
+  sampler's cached incremental forward against one forward over the whole sequence; the weights are the same:
+  the audit runs before the step's update);
 - the teacher prefix is y_<t: it stops right before the audited chunk;
 - a chunk is scored only with exactly N continuations (adaptive N: exactly the n its rounds asked
   for); a short or failed result is dropped and counted (``teacher/failed_chunks``), and a step that
@@ -32,14 +36,15 @@ from typing import Callable
 
 import torch
 
-from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text, response_hidden
+from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text
 from omniopd.config import AuditConfig, TeacherConfig
-from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem, token_stats
+from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem
 from omniopd.core.baselines import centered_targets
 from omniopd.core.similarity import Phi
 from omniopd.core.target import posterior_settled, posterior_width
 from omniopd.data import Example
 from omniopd.errors import TeacherError
+from omniopd.sharding import response_token_stats
 from omniopd.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
@@ -85,13 +90,23 @@ def student_token_stats(model, batch: SequenceBatch, micro_batch_size: int, slic
     for i in range(0, B, micro_batch_size):
         idx = list(range(i, min(B, i + micro_batch_size)))
         sub = batch.select(idx).to(device)
-        hidden, head = response_hidden(model, sub)
-        stats = token_stats(hidden, head, sub.response_ids, want_entropy=True, slice_size=slice_size)
+        stats = response_token_stats(model, sub, want_entropy=True, slice_size=slice_size)
         t = sub.response_ids.shape[1]
         ent[i : i + len(idx), :t] = stats.entropy.float().cpu()
         logp[i : i + len(idx), :t] = stats.logprobs.float().cpu()
     mask = batch.response_mask
     return ent * mask, logp * mask
+
+
+#: an API teacher's ledger counters (cumulative) whose growth during one audit is logged per step
+BILLED_KEYS = ("teacher/cached_tokens", "teacher/cache_write_tokens", "teacher/cost_usd")
+
+
+def _billed_this_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the teacher's ledger billed during this audit: prompt tokens read from and written to the provider's
+    prompt cache, and dollars (the cumulative figures are logged as ``teacher/total_*``). Empty for a teacher
+    without a ledger (in-process)."""
+    return {k: after[k] - before.get(k, 0.0) for k in BILLED_KEYS if k in after}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -195,13 +210,22 @@ def run_audit(
     micro_batch_size: int,
     slice_size: int,
     record_trajectories: int = 2,
+    token_stats: tuple[torch.Tensor, torch.Tensor] | None = None,  # (entropy, logprobs) (B, T) from the rollout
 ) -> AuditResult:
     C, M, N = audit_cfg.chunk_tokens, audit_cfg.num_chunks, audit_cfg.teacher_samples
     B = len(lengths)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    entropy, logprobs = student_token_stats(model, batch, micro_batch_size, slice_size)
+    if token_stats is not None:
+        entropy, logprobs = token_stats
+        if entropy.shape != batch.response_ids.shape or logprobs.shape != batch.response_ids.shape:
+            raise ValueError(f"token_stats of shape {tuple(entropy.shape)}/{tuple(logprobs.shape)} do not match the "
+                             f"responses {tuple(batch.response_ids.shape)}")
+        mask = batch.response_mask
+        entropy, logprobs = entropy * mask, logprobs * mask
+    else:
+        entropy, logprobs = student_token_stats(model, batch, micro_batch_size, slice_size)
     timings["time/entropy_s"] = time.perf_counter() - t0
 
     select = ANCHOR_SELECTORS[audit_cfg.anchors]
@@ -232,10 +256,12 @@ def run_audit(
     ksem_B: list[list[float]] = [[] for _ in range(B)]
     prior_B: list[list[float]] = [[] for _ in range(B)]
     chunk_records: list[list[dict]] = [[] for _ in range(B)]
+    spent_before = teacher.metrics()
     rounds = _teacher_rounds(
         teacher=teacher, tokenizer=tokenizer, audit_cfg=audit_cfg, spec=spec, planned=planned, requests=requests,
         chunk_texts=chunk_texts, logprobs=logprobs, timings=timings,
     )
+    spent = _billed_this_step(spent_before, teacher.metrics())
     failed, tokens_in, tokens_out = rounds.failed, rounds.tokens_in, rounds.tokens_out
     n_requests, n_rounds = rounds.requests, rounds.rounds
     samples_B: list[list[int]] | None = [[] for _ in range(B)] if audit_cfg.adaptive_n else None  # n per kept chunk
@@ -304,11 +330,13 @@ def run_audit(
             "audit/weight_min": min(weights) if weights else 0.0} if audit_cfg.target == "centered" else {}),
         "audit/entropy_anchor_mean": float(entropy[anchor_mask].mean()) if anchor_mask.any() else 0.0,
         "audit/entropy_other_mean": float(entropy[other].mean()) if other.any() else 0.0,
+        "audit/entropy_from_rollout": float(token_stats is not None),  # 0: computed by a second forward
         "teacher/requests": float(n_requests),
         "teacher/failed_chunks": float(failed),
         "teacher/tokens_in": float(tokens_in),
         "teacher/tokens_out": float(tokens_out),
         "teacher/tokens": float(tokens_in + tokens_out),
+        **spent,
         **timings,
     }
     if samples_B is not None:

@@ -6,6 +6,14 @@ stream's position, the step, the running totals and the resolved config. It is w
 ``.tmp`` sibling and renamed into place only when complete (a rename within a directory is atomic on
 POSIX), so a kill during the write leaves the previous checkpoint intact and the half-written one is
 ignored and cleaned up next time. ``keep_last`` bounds how many are kept.
+
+A sharded run (``distributed.strategy: fsdp2``, ``omniopd.sharding``) writes the weights and the AdamW
+state with ``torch.distributed.checkpoint`` instead: ``sharded/`` holds one file per process and the
+metadata that places each shard in the whole tensor, so every process writes only what it holds. Every
+process also keeps its own RNG states (``rng-rankR.pt``). Resuming with the same number of processes is
+exact; with another number, DCP re-shards the weights and optimizer state on load (each process reads
+the slices it now holds), and the random streams start anew from the seed and the step, as after any
+multi-process resume of a DDP run.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 from omniopd.errors import OmniOPDError
 
 _STEP_DIR = "step-{:06d}"
+SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint directory of a sharded run's checkpoint
 # config fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "eval", "checkpoint", "resume", "output_dir", "report_to"}
 
@@ -72,6 +81,63 @@ def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                            config_yaml: str, keep_last: int, rank: int, world: int, barrier) -> Path:
+    """A sharded run's checkpoint, written by every process together (``barrier()`` waits for all of them);
+    the main process (rank 0) writes what every rank holds alike and publishes the directory."""
+    import torch.distributed.checkpoint as dcp
+
+    from omniopd.sharding import train_state_dict
+
+    root = checkpoint_root(out_dir)
+    final = root / _STEP_DIR.format(step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    dcp.save(train_state_dict(model, optimizer), checkpoint_id=tmp / SHARDED_DIR)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        tokenizer.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        state = {"step": step, "world_size": world, **trainer_state}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    barrier()  # every shard and RNG file is on disk
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded_into(ckpt: Path, *, model, optimizer, scheduler, rank: int, world: int) -> bool:
+    """Restore a sharded checkpoint in place (re-sharded if it was written by another number of processes).
+    Returns whether this rank's RNG states were restored too (only with the same number of processes)."""
+    import torch.distributed.checkpoint as dcp
+
+    from omniopd.sharding import set_train_state_dict, train_state_dict
+
+    saved_world = int(load_trainer_state(ckpt).get("world_size", 0))
+    try:
+        if not (ckpt / SHARDED_DIR / ".metadata").is_file():
+            raise FileNotFoundError(f"{SHARDED_DIR}/.metadata")
+        state = train_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=ckpt / SHARDED_DIR)
+        set_train_state_dict(model, optimizer, state)
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        if saved_world != world:
+            return False
+        set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="train only these variants (and measure the base model); finished arms are reused, the others are listed as not run")
 
+    x = sub.add_parser("estimate", help="what the recipe's API teacher will bill: requests, tokens and dollars per step and epoch")
+    x.add_argument("recipe")
+    x.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.type=anthropic teacher.model=claude-haiku-4-5")
+    x.add_argument("--prompts", type=int, default=None,
+                   help="prompts of real rollouts to measure the prefixes on (default: one step's optim.prompts_per_step)")
+    x.add_argument("--paper", action="store_true",
+                   help="the paper's setting instead of rollouts: 17K prompts x 8 samples, M=10, N=10, C=50 (synthetic prefixes)")
+    x.add_argument("--output", default=None, help="also write the report as JSON")
+
     s = sub.add_parser("check-signal", help="k_sem of the teacher vs shuffled and no-privilege controls on real rollouts")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
@@ -199,6 +208,22 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_estimate(args) -> int:
+    from omniopd.config import load_config
+    from omniopd.errors import ConfigError
+
+    if args.prompts is not None and args.prompts < 1:
+        raise ConfigError(f"--prompts: must be >= 1 (got {args.prompts})")
+    cfg = load_config(args.recipe, args.overrides)
+    from omniopd.estimate import estimate, format_estimate
+
+    report = estimate(cfg, prompts=args.prompts, paper=args.paper)
+    print(format_estimate(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _cmd_check_signal(args) -> int:
     from omniopd.config import load_config
     from omniopd.errors import ConfigError
@@ -221,7 +246,7 @@ def _cmd_check_signal(args) -> int:
 
 COMMANDS = {
     "train": _cmd_train, "eval": _cmd_eval, "check-teacher": _cmd_check_teacher, "report": _cmd_report,
-    "compare": _cmd_compare, "check-signal": _cmd_check_signal,
+    "compare": _cmd_compare, "check-signal": _cmd_check_signal, "estimate": _cmd_estimate,
 }
 
 

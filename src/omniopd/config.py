@@ -3,7 +3,9 @@
 Every value is validated where the config is built (ranges, enums, cross-field rules) and a bad one
 raises :class:`~omniopd.errors.ConfigError` with one line naming the field, the allowed range and
 the value given. Configs are frozen: nothing mutates them at run time. The resolved config is written
-to ``OUTPUT_DIR/config.yaml``. The paper's letters are kept in the field descriptions.
+to ``OUTPUT_DIR/config.yaml``. The paper's letters are kept in the field descriptions. The ``teacher``
+section is one class per ``teacher.type``, each with only the fields its backend reads
+(``omniopd.teacher_config``).
 """
 
 from __future__ import annotations
@@ -12,67 +14,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from omniopd.errors import ConfigError
+from omniopd.teacher_config import (  # noqa: F401 - the teacher names are imported from here too
+    API_TEACHER_TYPES,
+    TEACHER_TYPES,
+    WHITE_BOX_TEACHER_TYPES,
+    PrivilegedTeacherConfig,
+    TeacherConfig,
+    legacy_teacher,
+    switch_type,
+)
+from omniopd.teacher_config import Section as _Section
 
 DEFAULT_STUDENT = "smollm2-135m-instruct"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(_Section):
     name: str = DEFAULT_STUDENT  # HF id, local directory, .gguf file, or a named packaged model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
-TEACHER_TYPES = ("local", "privileged", "openai-completions", "openai-chat", "anthropic", "gemini")
-API_TEACHER_TYPES = TEACHER_TYPES[2:]
-WHITE_BOX_TEACHER_TYPES = TEACHER_TYPES[:2]  # in-process models whose log-probabilities can be read (method=opd)
-
-
-class TeacherConfig(_Section):
-    """A text-continuation oracle: "continue this prefix, n samples, about this many tokens".
-
-    ``local``/``privileged`` run a Hugging Face model in-process; the other types call an API (see
-    ``omniopd.teachers.protocols`` for exactly what each sees). API keys are read from the environment
-    variable named by ``api_key_env`` (defaults: OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or
-    GOOGLE_API_KEY) and are never written anywhere.
-    """
-
-    type: Literal["local", "privileged", "openai-completions", "openai-chat", "anthropic", "gemini"] = "privileged"
-    model: str | None = None  # local: None = the student's own base model; API: the served model name
-    temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
-    # local backends
-    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call
-    reuse_prefix: bool = True  # one prefill shared by the N samples of a chunk
-    share_prefixes: bool = False  # also share prefill across the nested prompts of a generate call (with reuse_prefix)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # API backends
-    privileged: bool = False  # API teachers: also show the dataset's reference solution
-    base_url: str | None = None
-    api_key_env: str | None = None
-    tokenizer: str | None = None  # openai-completions: tokenizer whose chat template frames the prefix
-    max_concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0.0)
-    max_retries: int = Field(5, ge=0)
-    price_input_per_mtok: float = Field(0.0, ge=0.0)  # USD per million input tokens, for teacher/cost_usd
-    price_output_per_mtok: float = Field(0.0, ge=0.0)
-    max_cost_usd: float | None = Field(None, gt=0.0)  # stop the run cleanly once reached
-    max_tokens: int | None = Field(None, gt=0)  # stop once input+output teacher tokens reach this
-    cache: bool = True  # persistent SQLite cache of API responses: reruns and resumes do not pay twice
-    cache_path: str | None = None  # None: $OMNIOPD_CACHE/teacher-cache.sqlite
-    options: dict[str, Any] = Field(default_factory=dict)  # further backend-specific keyword options
-
-    @model_validator(mode="after")
-    def _api_needs_model(self) -> "TeacherConfig":
-        if self.type in API_TEACHER_TYPES and not self.model:
-            raise ValueError(f"teacher.model: required for teacher.type={self.type} (the model name the API serves)")
-        return self
 
 
 class AuditConfig(_Section):
@@ -134,6 +95,17 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(16, gt=0)  # sequences per generate call
+    # decoding with a static KV cache and a compiled forward (omniopd.decoding): auto = on CUDA, on = on any
+    # device, off = never; the plain path is the fallback when compiling is unavailable or fails
+    compile: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compile_on_off(cls, data: Any) -> Any:
+        """YAML reads a bare on/off as true/false: take them as the modes they spell."""
+        if isinstance(data, dict) and isinstance(data.get("compile"), bool):
+            data = {**data, "compile": "on" if data["compile"] else "off"}
+        return data
 
 
 class LossConfig(_Section):
@@ -189,6 +161,19 @@ class LoraConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
     keep_last: int = Field(2, ge=1)
+
+
+class DistributedConfig(_Section):
+    """How the processes of a multi-process run (``torchrun`` or ``accelerate launch``) hold the student.
+
+    ``ddp``: every process holds the whole model, its gradients and the AdamW state; gradients are
+    averaged (``omniopd.distributed``). ``fsdp2``: PyTorch FSDP2 shards all three over the processes, per
+    decoder layer and at the root (``omniopd.sharding``), on CPU (gloo) or CUDA (nccl); checkpoints are
+    sharded (``torch.distributed.checkpoint``), ``final/`` is whole. With one process the model is whole
+    either way.
+    """
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
 
 
 # The one-line refusals of method=opd (ALGORITHM.md "Baselines": white-box OPD needs the teacher's
@@ -288,7 +273,7 @@ class RunConfig(_Section):
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["jsonl"])
     max_steps: int = Field(10, ge=0)
     student: ModelConfig = ModelConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    teacher: TeacherConfig = PrivilegedTeacherConfig()  # one class per teacher.type (omniopd.teacher_config)
     audit: AuditConfig = AuditConfig()
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
@@ -296,6 +281,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     opd: OPDConfig = OPDConfig()
@@ -330,7 +316,10 @@ REMOVED_KEYS = {"log_every": "every step is logged; the key was never read"}
 
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    parts = [str(p) for p in e["loc"]]
+    if parts[:1] == ["teacher"] and parts[1:2] and parts[1] in TEACHER_TYPES:
+        del parts[1]  # the union member's tag: teacher.batch_size, not teacher.local.batch_size
+    loc = ".".join(parts) or "config"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'"
@@ -390,6 +379,7 @@ def set_dotted(data: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
         path = str(key).split(".")
         if any(not part for part in path):
             raise ConfigError(f"override key '{key}' has an empty part")
+        teacher = out.get("teacher")
         node = out
         for part in path[:-1]:
             child = node.get(part)
@@ -397,6 +387,9 @@ def set_dotted(data: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
             node[part] = child
             node = child
         node[path[-1]] = _merged(node.get(path[-1]), value)
+        if path[0] == "teacher":  # a changed teacher.type drops the old type's fields the new one lacks
+            written = {path[1]} if len(path) > 1 else set(value) if isinstance(value, dict) else set()
+            out["teacher"] = switch_type(teacher, out["teacher"], written)
     return out
 
 
@@ -433,8 +426,11 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 def normalized(saved: dict[str, Any] | None) -> dict[str, Any]:
     """A saved config (a run's or checkpoint's ``config.yaml``) read through the current schema, so fields
     added since it was written compare at their defaults and keys removed since (``REMOVED_KEYS``) are dropped;
-    one that no longer validates is returned as is."""
+    one that no longer validates is returned as is. A teacher section in the flat layout of earlier versions is
+    read in the current one (``teacher_config.legacy_teacher``)."""
     current = {k: v for k, v in saved.items() if k not in REMOVED_KEYS} if isinstance(saved, dict) else saved
+    if isinstance(current, dict) and "teacher" in current:
+        current = {**current, "teacher": legacy_teacher(current["teacher"])}
     try:
         return build_config(current or {}).model_dump(mode="json")
     except ConfigError:

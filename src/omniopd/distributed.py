@@ -19,7 +19,7 @@ import math
 SUM_KEYS = {
     "audit/chunks", "audit/skipped_short", "teacher/tokens", "teacher/tokens_in", "teacher/tokens_out",
     "teacher/requests", "teacher/failed_chunks", "rollout/trajectories", "tokens/response", "tokens/target",
-    "sft/target_tokens",
+    "sft/target_tokens", "teacher/cached_tokens", "teacher/cache_write_tokens", "teacher/cost_usd",
 }
 
 

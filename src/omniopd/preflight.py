@@ -5,7 +5,10 @@ sends a few real prefixes -- the first third of the dataset's reference solution
 answer where a dataset has none -- and asks for N continuations each, exactly as an audit would. It
 reports, per prefix, the continuations' lengths in *student* tokens, how many are distinct, the mean
 phi between pairs of them, and warns when the teacher looks greedy (all N identical), truncates (most
-continuations far shorter than C student tokens), echoes the prefix back, or fails.
+continuations far shorter than C student tokens), echoes the prefix back, or fails. A teacher that answered
+none of them, every request failing as every request to it would (nothing listening at its URL, a wrong key
+or model, a request it rejects as malformed), raises :class:`~omniopd.errors.TeacherError` with one line
+naming the URL or model and the cause: the run stops in seconds instead of training without a teacher.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from statistics import mean
 from omniopd.alignment import cut_to_tokens
 from omniopd.config import RunConfig
 from omniopd.data import Example
+from omniopd.errors import TeacherError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
 
@@ -43,7 +47,11 @@ def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples:
                                     instruction=ex.instruction) for i, ex in enumerate(chosen)]
     spec = SamplingSpec(n=N, max_new_tokens=cfg.teacher.max_new_tokens or C, temperature=cfg.teacher.temperature,
                         top_p=cfg.teacher.top_p, seed=cfg.seed + 777)
-    results = teacher.continue_prefixes(requests, spec)
+    results = teacher.continue_prefixes(requests, spec)  # a wrong key or model raises TeacherError here
+    if results and not any(res.ok for res in results):
+        reason = getattr(teacher, "unusable_reason", lambda: None)()  # API teachers: unreachable, rejected
+        if reason:
+            raise TeacherError(reason)
     rows, warnings = [], []
     for ex, req, res in zip(chosen, requests, results, strict=True):
         if not res.ok or len(res.texts) != N:

@@ -32,12 +32,13 @@ from __future__ import annotations
 import torch
 
 from omniopd.audit import phi_by_name, run_audit
-from omniopd.config import RunConfig, build_config
+from omniopd.config import API_TEACHER_TYPES, WHITE_BOX_TEACHER_TYPES, RunConfig, build_config
 from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts, sample_rollouts
 from omniopd.stats import mean_se, pearson
+from omniopd.teacher_config import LocalTeacherConfig
 from omniopd.teachers import build_teacher
 
 
@@ -49,7 +50,7 @@ def _control_teacher(cfg: RunConfig, teacher):
         t = cfg.teacher
         return LocalTeacher(teacher.model, teacher.tokenizer, t.model or cfg.student.name, privileged=False,
                             batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
-    if cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
+    if cfg.teacher.type in API_TEACHER_TYPES and cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
         data = cfg.model_dump(mode="json")
         data["teacher"]["privileged"] = False
         return build_teacher(build_config(data))
@@ -118,7 +119,8 @@ def _self_teacher(cfg: RunConfig, model, tok):
         return None
     from omniopd.teachers.local import LocalTeacher
 
-    return LocalTeacher(model, tok, cfg.student.name, privileged=False, batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
+    local = t if t.type in WHITE_BOX_TEACHER_TYPES else LocalTeacherConfig()  # an API teacher: the in-process defaults
+    return LocalTeacher(model, tok, cfg.student.name, privileged=False, batch_size=local.batch_size, reuse_prefix=local.reuse_prefix)
 
 
 def _self_verdict(phi: str, N: int, r: dict, have_self: bool) -> list[str]:

@@ -13,9 +13,13 @@ Distribution: the loop runs on ``accelerate``. Under ``accelerate launch`` with 
 (DDP; ``recipes/accelerate/ddp.yaml``) each rank samples, audits and back-propagates its equal share of
 the step's prompts, the training forward goes through the DDP wrapper so gradients are averaged, the
 per-rank metrics and audit records are combined on the main process (``omniopd.distributed``), and
-evaluation, checkpoints and the final model are written once, by the main process. FSDP and DeepSpeed
-are refused with a clear message: the sliced output head runs outside the wrapped forward, which
-sharded parameters do not allow.
+evaluation, checkpoints and the final model are written once, by the main process. With
+``distributed.strategy: fsdp2`` the student is sharded instead (``omniopd.sharding``: PyTorch FSDP2 per
+decoder layer and at the root, under ``torchrun`` or ``accelerate launch``): the token statistics run
+inside a forward of the sharded root, every process writes its shards of a checkpoint
+(``torch.distributed.checkpoint``), ``final/`` is gathered whole, and evaluation before and after
+training uses whole models (the initial student, ``final/``). accelerate's own FSDP plugin and DeepSpeed
+are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -29,12 +33,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omniopd.checkpoint import config_differences, list_checkpoints, load_into, load_trainer_state, save_checkpoint
+from omniopd.checkpoint import (
+    config_differences,
+    list_checkpoints,
+    load_into,
+    load_sharded_into,
+    load_trainer_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from omniopd.config import RunConfig, dump_config
 from omniopd.data import Example, PromptStream, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
 from omniopd.methods import METHODS, NoTeacher, TrainState
 from omniopd.models import load_model
+from omniopd.sharding import is_sharded
 from omniopd.teachers import build_teacher
 
 log = logging.getLogger(__name__)
@@ -59,7 +72,17 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     set_seed(cfg.seed, device_specific=True)  # rank r samples with seed + r (rank 0: the one-process stream)
     train_examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap)
     model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
-    if cfg.lora.rank:
+    method = METHODS[cfg.method]
+    teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
+    sharded = _sharded(cfg, accelerator)
+    if sharded:  # FSDP2: the student (and a frozen reference copy) sharded over the processes
+        from omniopd.sharding import prepare_sharded
+
+        model, ref_model, teacher = prepare_sharded(
+            cfg, model, accelerator.device,
+            lambda whole: build_teacher(cfg, student=whole, student_tokenizer=tokenizer) if teacher_role else NoTeacher(),
+        )
+    elif cfg.lora.rank:
         from omniopd.lora import AdapterDisabled, apply_lora
 
         model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
@@ -68,9 +91,8 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    method = METHODS[cfg.method]
-    teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
-    teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
+    if not sharded:
+        teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -80,8 +102,9 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     )
     warm = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ref_model.to(accelerator.device)
+    if not sharded:  # (a sharded student is placed and wrapped by FSDP2; its optimizer needs no wrapper)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ref_model.to(accelerator.device)
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +133,10 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
+def _sharded(cfg: RunConfig, accelerator) -> bool:
+    return cfg.distributed.strategy == "fsdp2" and accelerator.num_processes > 1
+
+
 def check_distributed(cfg: RunConfig, accelerator) -> None:
     from accelerate.utils import DistributedType
 
@@ -118,9 +145,14 @@ def check_distributed(cfg: RunConfig, accelerator) -> None:
         return
     if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise ConfigError(
-            f"accelerate {accelerator.distributed_type.value} is not supported: use data parallelism "
-            "(recipes/accelerate/ddp.yaml) and lora.rank > 0 to fit a larger student; the sliced output head "
-            "runs outside the wrapped forward, which FSDP and DeepSpeed ZeRO-3 sharding do not allow"
+            f"accelerate {accelerator.distributed_type.value} is not supported: launch plain processes "
+            "(torchrun, or recipes/accelerate/ddp.yaml) and shard the student with distributed.strategy=fsdp2 "
+            "(PyTorch FSDP2); DeepSpeed ZeRO-3 and accelerate's FSDP plugin are not supported"
+        )
+    if _sharded(cfg, accelerator) and cfg.eval.every_steps:
+        raise ConfigError(
+            "eval.every_steps: evaluation during training is not available with distributed.strategy=fsdp2 "
+            "(the student is whole on no process); set eval.every_steps=0 and evaluate OUTPUT_DIR/final"
         )
     if cfg.optim.prompts_per_step % world:
         raise ConfigError(
@@ -158,12 +190,21 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
 def restore(state: TrainState, ckpt: Path) -> None:
     """Continue exactly where ``ckpt`` left off: weights, optimizer, scheduler, RNG, data position, logs."""
     saved = load_trainer_state(ckpt)
-    load_into(ckpt, model=state.accelerator.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
+    acc = state.accelerator
+    own_rng = False  # whether every rank got its own RNG states back
+    if state.cfg.distributed.strategy == "fsdp2":
+        own_rng = load_sharded_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer,
+                                    scheduler=state.scheduler, rank=acc.process_index, world=acc.num_processes)
+        if not own_rng and acc.is_main_process:
+            tqdm.write(f"omniopd: {ckpt} was written by {saved.get('world_size')} processes, resumed by "
+                       f"{acc.num_processes}: weights and optimizer state re-sharded, random streams new")
+    else:
+        load_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
     state.step = int(saved["step"])
     state.last_checkpoint = state.step
     state.stream.load_state_dict(saved["stream"])
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
-    if state.accelerator.num_processes > 1:  # the checkpoint holds the main rank's RNG: give each rank its own
+    if acc.num_processes > 1 and not own_rng:  # the checkpoint holds the main rank's RNG: give each rank its own
         from accelerate.utils import set_seed
 
         set_seed(state.cfg.seed + 1_000 * state.step, device_specific=True)
@@ -185,9 +226,19 @@ def restore(state: TrainState, ckpt: Path) -> None:
 
 
 def checkpoint(state: TrainState) -> Path | None:
-    """Written once, by the main process; every rank waits until it is complete."""
+    """Written once, by the main process; every rank waits until it is complete. A sharded run's
+    (``distributed.strategy: fsdp2``) is written by every process, each its own shards."""
     path = None
-    if state.accelerator.is_main_process:
+    acc = state.accelerator
+    if state.cfg.distributed.strategy == "fsdp2":
+        path = save_sharded_checkpoint(
+            state.out_dir, state.step, model=acc.unwrap_model(state.model), tokenizer=state.tokenizer,
+            optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
+            trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
+            keep_last=state.cfg.checkpoint.keep_last, rank=acc.process_index, world=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+        )
+    elif acc.is_main_process:
         path = _save_checkpoint(state)
     state.accelerator.wait_for_everyone()
     state.last_checkpoint = state.step
@@ -283,8 +334,10 @@ def train_step(state: TrainState) -> dict[str, float]:
     t_optim = time.perf_counter() - t0
     state.step += 1
     lengths = rollouts.lengths
-    # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*
-    backend = {k.replace("teacher/", "teacher/total_", 1): v for k, v in state.teacher.metrics().items()}
+    # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*; the API
+    # teacher's current limit on requests in flight as it is (teacher/concurrency)
+    backend = {(k if k == "teacher/concurrency" else k.replace("teacher/", "teacher/total_", 1)): v
+               for k, v in state.teacher.metrics().items()}
     metrics = {
         **loss_metrics,
         **signal.metrics,
@@ -323,8 +376,13 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
 
     e = state.cfg.eval
     benchmark = benchmark or e.data
+    model = state.accelerator.unwrap_model(state.model)
+    if is_sharded(model):  # whole on no process: the student as loaded (before), or as saved to final/ (after)
+        model = state.extras.get("whole_model")
+        model = model if model is not None else load_model(state.cfg.student.name, state.cfg.student.dtype)[0]
+        model.to(state.accelerator.device)
     summary = evaluate_model(
-        state.accelerator.unwrap_model(state.model), state.tokenizer, benchmark, limit=e.limit,
+        model, state.tokenizer, benchmark, limit=e.limit,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
         records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=progress,
         insecure_no_isolation=e.insecure_no_isolation,
@@ -363,14 +421,25 @@ def eval_phase(state: TrainState) -> dict[str, float]:
 
 def save_model(state: TrainState, path: Path) -> Path:
     """``from_pretrained``-loadable copy of the current student, written aside and renamed into place.
-    With LoRA: the merged model, and the adapter alone in ``adapter/``."""
+    With LoRA: the merged model, and the adapter alone in ``adapter/``. A sharded student is gathered
+    whole on the main process first (every process must call this then); it is kept for the evaluation
+    after training. Only the main process writes."""
     import shutil
 
     from omniopd.lora import is_lora, merged_copy
 
+    model = state.accelerator.unwrap_model(state.model)
+    if is_sharded(model):
+        from omniopd.sharding import gathered_state_dict, whole_model
+
+        weights = gathered_state_dict(model)
+        if not state.accelerator.is_main_process:
+            return path
+        model = state.extras["whole_model"] = whole_model(state.cfg, weights)
+    elif not state.accelerator.is_main_process:
+        return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = state.accelerator.unwrap_model(state.model)
     if is_lora(model):
         merged_copy(model).save_pretrained(tmp, safe_serialization=True)
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
@@ -406,7 +475,12 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
             try:
                 last = train_step(state)
             except TeacherError as err:
-                # budget reached or too many failed chunks: keep what was learnt so far, then stop
+                # budget reached or too many failed chunks: keep what was learnt so far, then stop (a sharded
+                # student is gathered by every process together, which this one process cannot do alone)
+                if is_sharded(state.model):
+                    state.teacher.close()
+                    raise TeacherError(f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
+                                       f"checkpoints, {state.out_dir / 'checkpoints'})") from None
                 path = save_final(state) if main else state.out_dir / "final"
                 state.teacher.close()
                 raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
@@ -421,10 +495,10 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     # writing while another rank looks (the ranks would then disagree about this collective call)
     if state.last_checkpoint != state.step:
         checkpoint(state)
+    final = save_final(state)  # written by the main process (a sharded student is gathered by all of them)
     if not main:  # the final model, its evaluation and the summary are the main process's
         state.accelerator.wait_for_everyone()
         return {}
-    final = save_final(state)
     after = run_eval(state, "after", progress=progress) if cfg.eval.after else None
     summary = {
         "output_dir": str(state.out_dir),

@@ -13,6 +13,7 @@ from omniopd.config import WHITE_BOX_TEACHER_TYPES, RunConfig
 from omniopd.errors import ConfigError
 from omniopd.methods import check_white_box_teacher, teacher_scoring_batch, teacher_tokenizer_differs
 from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F401 - the status of such a row
+from omniopd.teacher_config import flat_layout
 
 MEASURES = [  # (key, column title, kind)
     ("ref_loglik", "ref log-lik/token", "mean"),
@@ -128,8 +129,10 @@ class Judge:
             # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
             "eval": cfg.eval.model_dump(mode="json"),
             "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
-            # share_prefixes changes where the teacher's cache numbers come from, not its outputs
-            "teacher": cfg.teacher.model_dump(mode="json", exclude={"share_prefixes"}), "student": cfg.student.model_dump(mode="json"),
+            # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
+            # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
+            "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
+            "student": cfg.student.model_dump(mode="json"),
             "rollout": cfg.rollout.model_dump(mode="json"), "seed": cfg.seed,
         }, sort_keys=True).encode()).hexdigest()[:16]
 

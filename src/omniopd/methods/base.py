@@ -112,7 +112,7 @@ def sample_on_policy(state: TrainState, examples: list[Example]) -> Rollouts:
     model = state.accelerator.unwrap_model(state.model)
     return sample_rollouts(
         model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size,
+        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size, compile=r.compile,
     )
 
 

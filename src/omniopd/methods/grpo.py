@@ -28,6 +28,7 @@ from omniopd.methods.base import (
     sampling_departures,
 )
 from omniopd.rollout import Rollouts
+from omniopd.sharding import in_forward
 
 
 def correctness_reward(example: Example, text: str, code_reward: str = "fraction",
@@ -89,6 +90,19 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     )
 
 
+def _logprobs_and_ref_kl(state: TrainState, sub: SequenceBatch, want_kl: bool):
+    """log p(y_t) (B, T) and, with ``want_kl``, KL(p_theta || p_ref) per token (B, T), else None; run inside
+    the student's forward (``sharding.in_forward``)."""
+    slice_size = state.cfg.loss.slice_size
+    hidden, head = response_hidden(state.model, sub)
+    logprobs = token_stats(hidden, head, sub.response_ids, slice_size=slice_size).logprobs
+    if not want_kl:
+        return logprobs, None
+    with torch.no_grad():
+        ref_hidden, ref_head = response_hidden(state.ref_model, sub)
+    return logprobs, reverse_kl_sliced(hidden, head, ref_hidden, ref_head, slice_size=slice_size)
+
+
 def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
     """PPO-clipped group-relative surrogate (+ kl_coef * KL(p_theta || p_ref)), micro-batched, / #sequences."""
     cfg, device = state.cfg, state.accelerator.device
@@ -100,15 +114,9 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
         return {"loss/total": 0.0, "loss/grpo": 0.0, "grpo/skipped_flat_batch": 1.0}
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx, sub in micro_batches(state, batch):
-        hidden, head = response_hidden(state.model, sub)
-        stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
-        ref_kl = None
-        if want_kl:
-            with torch.no_grad():
-                ref_hidden, ref_head = response_hidden(state.ref_model, sub)
-            ref_kl = reverse_kl_sliced(hidden, head, ref_hidden, ref_head, slice_size=cfg.loss.slice_size)
+        logprobs, ref_kl = in_forward(state.model, _logprobs_and_ref_kl, state, sub, want_kl)
         out = grpo_loss(
-            GRPOInputs(student_logprobs=stats.logprobs, old_logprobs=stats.logprobs.detach(),  # one update per batch
+            GRPOInputs(student_logprobs=logprobs, old_logprobs=logprobs.detach(),  # one update per batch
                        advantages=signal.advantages[idx].to(device), response_mask=sub.response_mask, ref_kl=ref_kl),
             normalizer=float(B), clip_eps=cfg.grpo.clip_eps, kl_coef=cfg.grpo.kl_coef,
         )

@@ -5,12 +5,10 @@ weighted chunk log-likelihood plus an exact KL anchor to the reference model on 
 
 from __future__ import annotations
 
-import torch
-
-from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.alignment import SequenceBatch
 from omniopd.audit import AuditResult, phi_by_name, run_audit
 from omniopd.config import RunConfig
-from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_stats, token_weights_from_chunks
+from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_weights_from_chunks
 from omniopd.data import Example
 from omniopd.methods.base import (
     Method,
@@ -22,6 +20,7 @@ from omniopd.methods.base import (
     sampling_departures,
 )
 from omniopd.rollout import Rollouts
+from omniopd.sharding import response_token_stats
 
 
 def prepare(state: TrainState) -> None:
@@ -31,14 +30,17 @@ def prepare(state: TrainState) -> None:
 
 def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
     cfg = state.cfg
-    return run_audit(
+    stats = (rollouts.entropy, rollouts.logprobs) if rollouts.entropy is not None and rollouts.logprobs is not None else None
+    result = run_audit(
         step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
         batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
         teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher,
         seed=cfg.seed + 104_729 * state.accelerator.process_index,  # rank 0: the one-process seeds
         micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
-        record_trajectories=cfg.audit.record_trajectories,
+        record_trajectories=cfg.audit.record_trajectories, token_stats=stats,
     )
+    result.metrics.update(rollouts.metrics)  # time/compile_s of the rollout's compiled decoding
+    return result
 
 
 def backward(state: TrainState, batch: SequenceBatch, result: AuditResult) -> dict[str, float]:
@@ -52,12 +54,7 @@ def backward(state: TrainState, batch: SequenceBatch, result: AuditResult) -> di
         weights, chunk_mask = token_weights_from_chunks(
             [result.starts_B[j] for j in idx], [result.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
         )
-        hidden, head = response_hidden(state.model, sub)
-        with torch.no_grad():
-            ref_hidden, ref_head = response_hidden(state.ref_model, sub)
-        stats = token_stats(
-            hidden, head, sub.response_ids, ref_hidden=ref_hidden, ref_head=ref_head, slice_size=cfg.loss.slice_size
-        )
+        stats = response_token_stats(state.model, sub, ref_model=state.ref_model, slice_size=cfg.loss.slice_size)
         out = omniopd_loss(
             OmniOPDLossInputs(
                 student_logprobs=stats.logprobs,

@@ -33,6 +33,7 @@ from omniopd.methods.base import (
     sampling_departures,
 )
 from omniopd.rollout import Rollouts, pack
+from omniopd.sharding import in_forward
 from omniopd.teachers.base import ContinuationRequest, Teacher
 
 NOT_APPLICABLE = ("not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
@@ -100,6 +101,20 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     )
 
 
+def _opd_terms(cfg: RunConfig, model, teacher_model, sub: SequenceBatch, tsub: SequenceBatch) -> tuple:
+    """``sampled``: (log p(y_t), log q(y_t)); ``full``: (KL(p || q) per token,); each (B, T). Run inside the
+    student's forward (``sharding.in_forward``)."""
+    hidden, head = response_hidden(model, sub)
+    with torch.no_grad():
+        t_hidden, t_head = response_hidden(teacher_model, tsub)
+    if cfg.opd.estimator == "sampled":
+        logp = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size).logprobs
+        with torch.no_grad():
+            t_logp = token_stats(t_hidden, t_head, tsub.response_ids, slice_size=cfg.loss.slice_size).logprobs
+        return logp, t_logp
+    return (reverse_kl_sliced(hidden, head, t_hidden, t_head, slice_size=cfg.loss.slice_size),)
+
+
 def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
     """Reverse KL(student || teacher) on the student's own tokens, micro-batched, / #sequences."""
     cfg, device = state.cfg, state.accelerator.device
@@ -111,17 +126,11 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
         same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(tsub.response_mask, sub.response_mask)
         if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
             raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
-        hidden, head = response_hidden(state.model, sub)
-        with torch.no_grad():
-            t_hidden, t_head = response_hidden(teacher_model, tsub)
+        terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub)
         if cfg.opd.estimator == "sampled":
-            stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
-            with torch.no_grad():
-                t_logp = token_stats(t_hidden, t_head, tsub.response_ids, slice_size=cfg.loss.slice_size).logprobs
-            out = opd_sampled_loss(OPDSampledInputs(stats.logprobs, t_logp, sub.response_mask), normalizer=float(B))
+            out = opd_sampled_loss(OPDSampledInputs(*terms, sub.response_mask), normalizer=float(B))
         else:
-            kl = reverse_kl_sliced(hidden, head, t_hidden, t_head, slice_size=cfg.loss.slice_size)
-            out = opd_full_loss(OPDFullInputs(reverse_kl=kl, response_mask=sub.response_mask), normalizer=float(B))
+            out = opd_full_loss(OPDFullInputs(reverse_kl=terms[0], response_mask=sub.response_mask), normalizer=float(B))
         state.accelerator.backward(out.loss)
         loss_sum += out.metrics["loss/opd"]
         kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]

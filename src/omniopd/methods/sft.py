@@ -16,9 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from omniopd.alignment import SequenceBatch, response_hidden
+from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
-from omniopd.core import token_stats
 from omniopd.core.baselines import SFTLossInputs, sft_loss
 from omniopd.data import Example, PromptStream
 from omniopd.errors import DataError, TeacherError
@@ -34,6 +33,7 @@ from omniopd.methods.base import (
 )
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, pack
+from omniopd.sharding import response_token_stats
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
 
@@ -64,7 +64,9 @@ def sft_cache_path(cfg: RunConfig, teacher: Teacher) -> Path:
 
     root = Path(cfg.sft.cache_dir) if cfg.sft.cache_dir else cache_dir() / "sft-solutions"
     spec = {
-        "teacher": teacher.name, "type": cfg.teacher.type, "model": cfg.teacher.model, "privileged": cfg.teacher.privileged,
+        # privileged: an API teacher's flag (an in-process teacher's is its type)
+        "teacher": teacher.name, "type": cfg.teacher.type, "model": cfg.teacher.model,
+        "privileged": getattr(cfg.teacher, "privileged", False),
         "temperature": cfg.sft.temperature, "top_p": cfg.teacher.top_p, "max_new_tokens": cfg.sft.max_new_tokens,
         "seed": cfg.seed, "instruction": ANSWER_INSTRUCTION,
     }
@@ -163,8 +165,7 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     B = batch.response_ids.shape[0]
     loss_sum = nll_sum = n_tok = 0.0
     for _, sub in micro_batches(state, batch):
-        hidden, head = response_hidden(state.model, sub)
-        stats = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size)
+        stats = response_token_stats(state.model, sub, slice_size=cfg.loss.slice_size)
         out = sft_loss(SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B))
         state.accelerator.backward(out.loss)
         loss_sum += out.metrics["loss/sft"]

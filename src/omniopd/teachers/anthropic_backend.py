@@ -14,6 +14,12 @@ Departures and caveats, as of SDK 2.x / API version ``2026-10-21`` (the version 
 * Prefill is rejected (HTTP 400) by models that do not support it and with extended thinking; such a
   400 fails the request (no retry) and the caller counts the failed chunk. Use a model with prefill.
 * No seed: Anthropic sampling is not reproducible; the response cache makes reruns repeatable.
+* Prompt caching (``prompt_cache``, on by default): the prefill is cut into text blocks at the chunk
+  boundaries of its trajectory, with ``cache_control`` breakpoints where the prefix reaches the model's
+  minimum cacheable length, so the N samples of a chunk, later adaptive rounds and later chunks of the same
+  trajectory read the earlier prefix from Anthropic's cache (the rules and the shaping:
+  ``teachers.prompt_cache``). Usage reports the prompt in three parts (uncached, read, written); the ledger
+  prices each at its own rate.
 
 Key from ``ANTHROPIC_API_KEY`` (``api_key_env``); ``base_url`` for a proxy or a compatible server.
 """
@@ -22,10 +28,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from omniopd.errors import ConfigError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
+from omniopd.teachers.prices import min_cache_tokens
+from omniopd.teachers.prompt_cache import PrefixRegistry, shape_prefill, task_key
 from omniopd.teachers.protocols import prefill_messages, prefill_postprocess
 from omniopd.teachers.runtime import APITeacher, RawResponse, resolve_api_key
 
@@ -71,6 +80,8 @@ class AnthropicTeacher(APITeacher):
         self.extra_body = dict(extra_body or {})
         self.transient_exceptions = (anthropic.APIConnectionError,)  # includes APITimeoutError
         self._warned_sampling = False
+        self.cache_min_tokens = self.options.prompt_cache_min_tokens or min_cache_tokens(model, "anthropic")
+        self._prefixes = PrefixRegistry()  # the partial answers sent recently: where later ones are cut
         resolve_api_key(self.api_key_envs, base_url, "Anthropic")
 
     def _create_client(self) -> Any:
@@ -84,18 +95,37 @@ class AnthropicTeacher(APITeacher):
         )
 
     def messages(self, request: ContinuationRequest) -> tuple[list[dict[str, str]], str]:
-        """(exactly the ``messages`` sent, the trailing whitespace stripped from the prefill)."""
+        """(the ``messages`` as plain strings, the trailing whitespace stripped from the prefill)."""
         return prefill_messages(request, privileged=self.privileged)
+
+    def plan_requests(self, requests: Sequence[ContinuationRequest]) -> None:
+        """Register every prefill of the batch before any is sent, so each request is cut at the ends of the
+        shorter prefixes of its trajectory, however the batch is ordered or split into rounds."""
+        if not self.options.prompt_cache:
+            return
+        self._prefixes.prune()
+        for request in requests:
+            messages, _ = self.messages(request)
+            if messages[-1]["role"] == "assistant":
+                self._prefixes.add(task_key(messages[:-1]), messages[-1]["content"])
+
+    def cached_messages(self, request: ContinuationRequest) -> list[dict[str, Any]]:
+        """Exactly the ``messages`` sent: with ``prompt_cache``, the prefill in blocks with breakpoints."""
+        messages, _ = self.messages(request)
+        if not self.options.prompt_cache:
+            return messages
+        has_prefill = messages[-1]["role"] == "assistant"
+        cuts = self._prefixes.boundaries(task_key(messages[:-1]), messages[-1]["content"]) if has_prefill else []
+        return shape_prefill(messages, cuts, self.cache_min_tokens)
 
     def build_payload(
         self, request: ContinuationRequest, spec: SamplingSpec, n: int, sample_index: int
     ) -> dict[str, Any]:
         assert n == 1, "the Messages API returns one sample per request"
-        messages, _ = self.messages(request)
         payload: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max(1, math.ceil(spec.max_new_tokens * self.max_tokens_factor)),
-            "messages": messages,
+            "messages": self.cached_messages(request),
         }
         if self.send_sampling_params:
             payload["temperature"] = spec.temperature
@@ -118,10 +148,14 @@ class AnthropicTeacher(APITeacher):
         msg = await client.messages.create(**known, extra_body=extra or None)
         texts = [block.text for block in (msg.content or []) if getattr(block, "type", None) == "text"]
         usage = msg.usage
+        read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+        written = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
         return RawResponse(
             texts=["".join(texts)] if texts else [],  # no text block (a refusal): a missing sample
-            prompt_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+            prompt_tokens=int(getattr(usage, "input_tokens", 0) or 0) + read + written,  # input_tokens: the rest
             completion_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+            cached_tokens=read,
+            cache_write_tokens=written,
         )
 
     def postprocess(self, request: ContinuationRequest, text: str) -> str:

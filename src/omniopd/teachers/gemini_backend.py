@@ -12,6 +12,9 @@ Departures and choices:
 * A candidate with no text (blocked by a safety filter) is a missing sample, topped up, never scored.
 * The SDK's retries are off (``HttpRetryOptions(attempts=1)``); ``teachers.runtime`` retries and counts,
   honouring ``Retry-After`` and the ``retryDelay`` Gemini puts in its error details.
+* Implicit prompt caching (Gemini 2.5 and newer, above a minimum per model) needs no marker: the instruct
+  prompt puts the stable part first (``teachers.prompt_cache``); the cached part of each prompt
+  (``cached_content_token_count``) is counted and priced by the ledger.
 
 Key from ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY`` (``api_key_env`` overrides); ``base_url`` and
 ``api_version`` go to the SDK's ``HttpOptions`` (a proxy or a compatible server).
@@ -139,7 +142,8 @@ class GeminiTeacher(APITeacher):
             getattr(usage, "thoughts_token_count", 0) or 0
         )
         return RawResponse(
-            texts=texts, prompt_tokens=int(getattr(usage, "prompt_token_count", 0) or 0), completion_tokens=out_tokens
+            texts=texts, prompt_tokens=int(getattr(usage, "prompt_token_count", 0) or 0), completion_tokens=out_tokens,
+            cached_tokens=int(getattr(usage, "cached_content_token_count", 0) or 0),  # included in prompt_token_count
         )
 
     def postprocess(self, request: ContinuationRequest, text: str) -> str:

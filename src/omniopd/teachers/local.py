@@ -24,6 +24,14 @@ when every cache layer is a plain full-attention layer (no sliding window, no re
 otherwise the batched prefill runs. ``prefill_stats`` counts computed and reused prompt positions.
 Each call runs under a forked RNG seeded from the spec, so teacher draws do not perturb the student's
 sampling stream and a rerun with the same seed reproduces them.
+
+``compile`` (``auto``/``on``/``off``, the run's ``rollout.compile``) decodes through transformers' static
+cache with a compiled forward (:mod:`omniopd.decoding`). It applies to both prefill modes: with
+``reuse_prefix`` the prompt is prefilled as above (batched or shared, eagerly, into a dynamic cache) and its
+keys and values are then copied, each row N times, into a static cache that the compiled decode steps
+continue; without it ``generate`` builds the static cache itself. A model whose layers are not all plain full
+attention keeps the dynamic cache (and the plain decode steps), and a failed compile falls back to the plain
+path for good, from the same random state.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from omniopd import decoding
 from omniopd.alignment import position_ids
 from omniopd.models import eos_token_ids, load_model
 from omniopd.stats import mix_seed
@@ -48,8 +57,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 class LocalTeacher(Teacher):
     def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32, reuse_prefix: bool = True,
-                 share_prefixes: bool = False):
+                 share_prefixes: bool = False, compile: str = "off"):
         self.model = model
+        self.compile = decoding.check_mode(compile)
         self.reuse_prefix = reuse_prefix
         self.share_prefixes = share_prefixes
         self.prefill_stats = {"computed": 0, "reused": 0}  # prompt positions prefilled / taken from another row
@@ -62,13 +72,17 @@ class LocalTeacher(Teacher):
     @classmethod
     def from_name(
         cls, name: str, privileged: bool, batch_size: int = 32, dtype: str = "float32", model=None, tokenizer=None,
-        reuse_prefix: bool = True, share_prefixes: bool = False,
+        reuse_prefix: bool = True, share_prefixes: bool = False, compile: str = "off",
     ):
         if model is None or tokenizer is None:
             model, tokenizer = load_model(name, dtype)
         for p in model.parameters():
             p.requires_grad_(False)
-        return cls(model, tokenizer, name, privileged, batch_size, reuse_prefix, share_prefixes)
+        return cls(model, tokenizer, name, privileged, batch_size, reuse_prefix, share_prefixes, compile)
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counters (logged as teacher/total_*): seconds spent compiling the decode step."""
+        return {**super().metrics(), "teacher/compile_s": decoding.compile_seconds(self.model)}
 
     def prompt_text(self, req: ContinuationRequest) -> str:
         """Exactly what the teacher model reads: its chat template (a plain "Question/Answer" frame for a
@@ -130,7 +144,7 @@ class LocalTeacher(Teacher):
     def _generate(self, ids: torch.Tensor, att: torch.Tensor, gen: GenerationConfig, n: int) -> torch.Tensor:
         """(B * n, P + new) sequences, samples of one request adjacent."""
         if not self.reuse_prefix:
-            return self.model.generate(input_ids=ids, attention_mask=att, generation_config=gen)
+            return decoding.generate(self.model, ids, att, gen, compile=self.compile)
         # Prefill all but the last prompt token once, repeat the cache n times, and let generate feed the
         # last token: its cache_position starts at P - 1, so no prompt token is computed twice.
         cache = self._shared_prefill(ids, att) if self.share_prefixes and ids.shape[1] > 1 else None
@@ -141,11 +155,24 @@ class LocalTeacher(Teacher):
                 cache=cache, use_cache=True, logits_to_keep=1,  # only the cache is wanted, not (B, P, V) logits
             )
             self.prefill_stats["computed"] += int(att[:, :-1].sum())
-        cache.batch_repeat_interleave(n)
-        return self.model.generate(
-            input_ids=ids.repeat_interleave(n, 0), attention_mask=att.repeat_interleave(n, 0),
-            cache=cache, generation_config=gen,
-        )
+        ids_n, att_n = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
+
+        def plain() -> torch.Tensor:
+            cache.batch_repeat_interleave(n)
+            return self.model.generate(input_ids=ids_n, attention_mask=att_n, cache=cache, generation_config=gen)
+
+        if not decoding.use_compiled(self.model, self.compile):
+            return plain()
+        length = decoding.static_cache_len(self.model, ids.shape[1] + gen.max_new_tokens)
+        static = decoding.to_static_cache(self.model, cache, n, length)
+        if static is None:  # not plain full attention: the dynamic cache and plain decode steps
+            return plain()
+        cgen = decoding.compiled_config(self.model, gen, ids.shape[1], own_cache=True)
+
+        def compiled() -> torch.Tensor:
+            return self.model.generate(input_ids=ids_n, attention_mask=att_n, cache=static, generation_config=cgen)
+
+        return decoding.with_fallback(self.model, compiled, plain)
 
     def _row_cache(self, tokens: list[int], donor: tuple[list, list] | None, shared: int) -> tuple[list, list]:
         """Per-layer keys and values (1, H, len(tokens), D) of one unpadded row; the first ``shared``

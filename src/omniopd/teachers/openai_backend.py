@@ -16,6 +16,10 @@ requests are distinct draws and a rerun asks for the same ones; servers treat th
 The API key is read from the environment variable named by ``api_key_env`` (default
 ``OPENAI_API_KEY``); with a custom ``base_url`` and no key set, a dummy key is sent (local servers).
 The SDK's own retries are off; ``teachers.runtime`` retries and counts.
+
+Prompt caching is automatic on OpenAI (prompts of 1,024 tokens or more); both protocols put the stable part
+first, so nested prefixes and repeated requests read it (``teachers.prompt_cache``). The cached part of each
+prompt (``prompt_tokens_details.cached_tokens``) is counted and priced by the ledger.
 """
 
 from __future__ import annotations
@@ -49,6 +53,19 @@ _CHAT_FIELDS = frozenset(
         "reasoning_effort",
     }
 )
+
+
+def usage_counts(usage: Any) -> dict[str, int]:
+    """An OpenAI ``usage`` object as RawResponse counts: ``prompt_tokens`` includes the tokens read from the
+    prompt cache (``prompt_tokens_details.cached_tokens``) and those written to it (``cache_write_tokens``,
+    reported from the GPT-5.6 family on; absent before, when writes cost nothing extra)."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    return {
+        "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+        "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+        "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0),
+        "cache_write_tokens": int(getattr(details, "cache_write_tokens", 0) or 0),
+    }
 
 
 def _openai_transient() -> tuple[type[BaseException], ...]:
@@ -170,12 +187,7 @@ class OpenAICompletionsTeacher(_OpenAIBase):
         known, extra = self._split(payload, _COMPLETIONS_FIELDS)
         resp = await client.completions.create(**known, extra_body=extra or None)
         choices = sorted(resp.choices or [], key=lambda c: c.index)
-        usage = resp.usage
-        return RawResponse(
-            texts=[c.text for c in choices if c.text is not None],
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+        return RawResponse(texts=[c.text for c in choices if c.text is not None], **usage_counts(resp.usage))
 
     def postprocess(self, request: ContinuationRequest, text: str) -> str:
         return completion_postprocess(text)
@@ -239,16 +251,14 @@ class OpenAIChatTeacher(_OpenAIBase):
         known, extra = self._split(payload, _CHAT_FIELDS)
         resp = await client.chat.completions.create(**known, extra_body=extra or None)
         choices = sorted(resp.choices or [], key=lambda c: c.index)
-        usage = resp.usage
         return RawResponse(
             # a refusal or an empty message (content None) is a missing sample, topped up, never scored
             texts=[c.message.content for c in choices if c.message is not None and c.message.content is not None],
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            **usage_counts(resp.usage),
         )
 
     def postprocess(self, request: ContinuationRequest, text: str) -> str:
         return instruct_postprocess(text, request.prefix)
 
 
-__all__ = ["OpenAIChatTeacher", "OpenAICompletionsTeacher"]
+__all__ = ["OpenAIChatTeacher", "OpenAICompletionsTeacher", "usage_counts"]

@@ -2,10 +2,14 @@
 
 Not in the paper, which reports teacher effort but not how it was spent. Departures and choices:
 
-* **Bounded concurrency.** One asyncio event loop per teacher, in a background thread, so the
-  synchronous ``Teacher.continue_prefixes`` can be called from the trainer (or from inside another
-  event loop). A semaphore bounds the HTTP requests in flight across all trajectories
-  (``max_concurrency``).
+* **Concurrency that follows the server.** One asyncio event loop per teacher, in a background thread, so
+  the synchronous ``Teacher.continue_prefixes`` can be called from the trainer (or from inside another
+  event loop). A limit bounds the HTTP requests in flight across all trajectories: by default it adapts
+  (``adaptive_concurrency``; AIMD with a slow start, see ``teachers.concurrency``), shrinking on timeouts,
+  429/503s and answers that take more than half the timeout, growing back while the server keeps up, between
+  ``min_concurrency`` and ``max_concurrency``; a server that answers one request at a time then gets few at
+  once, and no request waits in its queue until it times out. Logged as ``teacher/concurrency`` (the limit
+  now) and ``teacher/total_concurrency_reductions``.
 * **Prefix order.** The chunks of one trajectory have nested prefixes. They are dispatched in ascending
   prefix length, and by default (``dispatch="warm_first"``) the shortest one is sent alone first, so a
   server with prefix caching (vLLM, SGLang) computes the shared prompt once and every later request of
@@ -13,18 +17,22 @@ Not in the paper, which reports teacher effort but not how it was spent. Departu
   reuse, the least parallelism); ``"parallel"`` sends all at once (ascending, interleaved across
   trajectories). Within one chunk, when N samples need several requests, the first goes alone too.
 * **Retries.** The SDKs' own retries are switched off (``max_retries=0``) so every retry is counted
-  here. 408/409/425/429/5xx/529, timeouts and connection errors are retried with exponential backoff and
+  here. 408/409/425/429/5xx/529, timeouts and dropped connections are retried with exponential backoff and
   jitter, honouring ``Retry-After``/``retry-after-ms`` (capped at ``max_retry_after_s``) and Gemini's
   ``retryDelay``. 401/403/404 raise :class:`~omniopd.errors.TeacherError` at once (a wrong key, model or
-  URL fails every request alike). Any other 4xx, or a retryable error after the last retry, ends that
-  request with ``error`` set: the caller drops the chunk and counts ``teacher/failed_chunks``.
+  URL fails every request alike). A refused connection (nothing listening), any other 4xx, or a retryable
+  error after the last retry, ends that request with ``error`` set: the caller drops the chunk and counts
+  ``teacher/failed_chunks``. While nothing has been answered, a teacher whose every failure was of the kind
+  every request meets (unreachable, rejected as malformed) says so in one line (:meth:`APITeacher.unusable_reason`;
+  the start-of-run check stops the run with it).
 * **Never score fewer than N.** A server that returns fewer choices than ``n`` asked (``transformers
   serve`` always returns one) is topped up with further requests, one sample each, each with its own
   sample index and seed; counted as ``teacher/topup_requests``. Still short after
   ``max_topup_rounds`` rounds, the result carries ``error``. A chunk whose N samples are all identical
   (a server that is not really sampling) is counted (``teacher/identical_chunks``) and warned about once.
-* **Budget.** A ledger counts requests, retries, failures, tokens, latency and estimated cost (from a
-  price table in USD per million input/output tokens, both options). ``max_cost_usd`` and
+* **Budget.** A ledger counts requests, retries, failures, tokens (the prompt tokens read from and written
+  to the provider's prompt cache among them), latency and estimated cost (``teachers.ledger``; prices from
+  the options or the table of known models, ``teachers.prices``). ``max_cost_usd`` and
   ``max_total_tokens`` are checked before every new request and raise ``TeacherError`` once reached;
   requests already in flight still complete, so the overshoot is at most ``max_concurrency`` requests.
 * **Cache.** With ``cache_path`` every successful response is stored (see ``teachers.cache``); a hit
@@ -45,14 +53,18 @@ import threading
 import time
 from abc import abstractmethod
 from collections.abc import Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlparse
+
+from pydantic import ValidationError
 
 from omniopd.errors import ConfigError, TeacherError
 from omniopd.stats import mix_seed
+from omniopd.teacher_config import RuntimeOptions, option_error
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
+from omniopd.teachers.concurrency import ConcurrencyLimit
 from omniopd.teachers.ledger import BudgetLedger
 from omniopd.teachers.retry import Failure, classify_exception, parse_retry_after
 
@@ -61,7 +73,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCAL_DUMMY_KEY = "sk-no-key-required"
-Dispatch = Literal["warm_first", "sequential", "parallel"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,55 +80,9 @@ Dispatch = Literal["warm_first", "sequential", "parallel"]
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RuntimeOptions:
-    """Options shared by every API backend (pass them as keyword arguments to any backend).
-
-    max_concurrency      HTTP requests in flight at once, across all trajectories [16]
-    timeout_s            per-request timeout in seconds; a timeout is retried [120]
-    max_retries          retries after the first attempt; then the request fails with ``error`` [5]
-    backoff_base_s       first backoff; doubles each retry, jittered to [d/2, d] [1.0]
-    backoff_max_s        backoff ceiling [60]
-    max_retry_after_s    ceiling on a server's Retry-After [300]
-    max_topup_rounds     rounds of single-sample top-ups when a server returns fewer than n [2]
-    dispatch             "warm_first" | "sequential" | "parallel": order of a trajectory's requests
-    price_input_per_mtok / price_output_per_mtok   USD per million tokens, for the cost estimate [0, 0]
-    max_cost_usd         stop (TeacherError) once the estimated cost reaches this [None: no cap]
-    max_total_tokens     stop (TeacherError) once input+output tokens reach this [None: no cap]
-    cache_path           SQLite response cache file; None disables the cache [None]
-    """
-
-    max_concurrency: int = 16
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    max_retry_after_s: float = 300.0
-    max_topup_rounds: int = 2
-    dispatch: Dispatch = "warm_first"
-    price_input_per_mtok: float = 0.0
-    price_output_per_mtok: float = 0.0
-    max_cost_usd: float | None = None
-    max_total_tokens: int | None = None
-    cache_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ConfigError(f"teacher max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"teacher timeout_s must be > 0, got {self.timeout_s}")
-        if self.max_retries < 0 or self.max_topup_rounds < 0:
-            raise ConfigError("teacher max_retries and max_topup_rounds must be >= 0")
-        if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.max_retry_after_s < 0:
-            raise ConfigError("teacher backoff and retry-after limits must be >= 0")
-        if self.dispatch not in ("warm_first", "sequential", "parallel"):
-            raise ConfigError(f"teacher dispatch must be warm_first, sequential or parallel, got {self.dispatch!r}")
-        if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
-            raise ConfigError("teacher prices must be >= 0")
-        if self.max_cost_usd is not None and self.max_cost_usd <= 0:
-            raise ConfigError(f"teacher max_cost_usd must be > 0, got {self.max_cost_usd}")
-        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
-            raise ConfigError(f"teacher max_total_tokens must be > 0, got {self.max_total_tokens}")
+# ``RuntimeOptions`` (omniopd.teacher_config, re-exported here) lists the options every API backend shares,
+# with their only defaults and range checks; any backend takes them as keyword arguments. The teacher config
+# of every API type extends that class, so a config passes them on field for field.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,8 +153,10 @@ class RawResponse:
     """What one HTTP request returned: texts (raw, before post-processing) and reported usage."""
 
     texts: list[str]
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the whole prompt, cached and written parts included
     completion_tokens: int = 0
+    cached_tokens: int = 0  # read from the provider's prompt cache (teachers.prompt_cache)
+    cache_write_tokens: int = 0  # written to it
 
 
 @dataclass
@@ -248,23 +215,25 @@ class APITeacher(Teacher):
             raise ConfigError(f"max_n_per_request must be >= 1, got {max_n_per_request}")
         try:
             self.options = RuntimeOptions(**runtime)
-        except TypeError as err:
-            raise ConfigError(f"{self.backend} teacher: {err}") from None
+        except ValidationError as err:
+            raise ConfigError(f"{self.backend} teacher: {option_error(err)}") from None
         self.model = model
         self.base_url = base_url
         self.privileged = privileged
         self.max_n_per_request = max_n_per_request
         self.name = f"{self.backend}:{model}" + (":privileged" if privileged else "")
-        self.ledger = ledger or BudgetLedger(
-            price_input_per_mtok=self.options.price_input_per_mtok,
-            price_output_per_mtok=self.options.price_output_per_mtok,
-            max_cost_usd=self.options.max_cost_usd,
-            max_total_tokens=self.options.max_total_tokens,
-        )
+        self.ledger = ledger or BudgetLedger.for_teacher(model, self.backend, self.options)  # prices: teachers.prices
         self.cache = ResponseCache(self.options.cache_path) if self.options.cache_path else None
         self._loop: LoopThread | None = None
         self._client: Any = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._limit = ConcurrencyLimit(
+            self.options.max_concurrency,
+            floor=self.options.min_concurrency,
+            adaptive=self.options.adaptive_concurrency,
+            timeout_s=self.options.timeout_s,
+        )
+        self._permanent_failure: Failure | None = None  # the first failure every request would meet, if any
+        self._other_failures = 0  # requests that failed another way
         self._rng = random.Random()
         self._warned_short = False
         self._warned_identical = False
@@ -317,10 +286,33 @@ class APITeacher(Teacher):
             return []
         if self._loop is None:
             self._loop = LoopThread(name=f"omniopd-teacher-{self.backend}")
+        self.plan_requests(requests)
         return self._loop.run(self._run(list(requests), spec))
 
+    def plan_requests(self, requests: Sequence[ContinuationRequest]) -> None:  # noqa: B027 - optional hook
+        """Called with each batch before any of its payloads is built: request shaping that needs the whole
+        batch (the Anthropic backend's prompt-cache blocks, ``teachers.prompt_cache``)."""
+
     def metrics(self) -> dict[str, float]:
-        return self.ledger.snapshot()
+        return {**self.ledger.snapshot(), **self._limit.metrics()}
+
+    def where(self) -> str:
+        """The teacher's name and URL, for one-line errors."""
+        return self.name + (f" at {self.base_url}" if self.base_url else "")
+
+    def unusable_reason(self) -> str | None:
+        """One line saying why this teacher cannot be used, while it has answered nothing and every request that
+        failed, failed as every request to it would (nothing listening at the URL, a request rejected as
+        malformed); None otherwise."""
+        failure = self._permanent_failure
+        if failure is None or self._limit.answered or self._other_failures:
+            return None
+        what = "rejected the request" if failure.message.startswith("HTTP") else "cannot be reached"
+        return f"teacher {self.where()} {what}: {failure.message} ({self._hint(failure)})"
+
+    def _hint(self, failure: Failure) -> str:
+        key_env = " or ".join(f"${name}" for name in self.api_key_envs) or "the environment"
+        return failure.hint.format(key_env=key_env) if failure.hint else "check the model name, base_url and API key"
 
     def close(self) -> None:
         if self._loop is not None:
@@ -351,15 +343,13 @@ class APITeacher(Teacher):
             "base_url": self.base_url,
             "privileged": self.privileged,
             "max_n_per_request": self.max_n_per_request,
-            **asdict(self.options),
+            **self.options.model_dump(),
         }
 
     # -- scheduling --------------------------------------------------------------------------------
     async def _run(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
         if self._client is None:
             self._client = self._create_client()
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.options.max_concurrency)
         results: list[ContinuationResult | None] = [None] * len(requests)
         groups: dict[int, list[int]] = {}
         for i, req in enumerate(requests):
@@ -482,11 +472,10 @@ class APITeacher(Teacher):
                 return _CallOutcome(
                     texts=hit.texts, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
                 )
-        assert self._semaphore is not None
         opts = self.options
         for attempt in range(opts.max_retries + 1):
             self.ledger.check()
-            async with self._semaphore:
+            async with self._limit.hold() as slot:
                 self.ledger.check()  # the cap may have been reached while waiting for a slot
                 self.ledger.record_request()
                 started = time.perf_counter()
@@ -496,11 +485,14 @@ class APITeacher(Teacher):
                     failure = classify_exception(exc, self.transient_exceptions)
                     if failure is None:
                         raise
+                    slot.overloaded = failure.overload
                 else:
                     latency = time.perf_counter() - started
+                    slot.latency_s = latency
                     prompt_tokens = raw.prompt_tokens or estimate_tokens(str(payload))
                     completion_tokens = raw.completion_tokens or sum(estimate_tokens(t) for t in raw.texts)
-                    self.ledger.record_success(prompt_tokens, completion_tokens, latency)
+                    self.ledger.record_success(prompt_tokens, completion_tokens, latency, raw.cached_tokens,
+                                               raw.cache_write_tokens)
                     if self.cache is not None and raw.texts:
                         try:
                             self.cache.put(
@@ -516,11 +508,13 @@ class APITeacher(Teacher):
                     )
             if failure.fatal:
                 self.ledger.record_failure()
-                raise TeacherError(
-                    f"{self.name}: {failure.message} (check the model name, base_url and the API key variable)"
-                )
+                raise TeacherError(f"teacher {self.where()}: {failure.message} ({self._hint(failure)})")
             if not failure.retryable or attempt == opts.max_retries:
                 self.ledger.record_failure()
+                if failure.permanent:
+                    self._permanent_failure = self._permanent_failure or failure
+                else:
+                    self._other_failures += 1
                 tries = attempt + 1
                 return _CallOutcome(error=f"{failure.message} (after {tries} attempt{'s' if tries > 1 else ''})")
             self.ledger.record_retry()

@@ -20,13 +20,26 @@ Faults are injected into a FIFO queue and consumed one per matching request: a s
 ``Retry-After``, 500, ...), a slow answer (sleeps past the client's timeout, then answers), or fewer
 choices/candidates than asked. ``max_choices`` caps every answer permanently, the way ``transformers
 serve`` always returns one choice whatever ``n`` asks. ``latency_s`` delays every answer (benchmark).
+``max_in_flight`` makes the server work on at most that many requests at a time (1: one by one, as
+``transformers serve``); the others wait their turn in arrival order, and a request whose client gave up
+waiting is still worked on, as by a server that does not notice a closed connection.
 
 Generated text is a few filler words per requested token (capped at 64), deterministic per request body
 and arrival order, so N samples of one request differ from each other.
+
+Prompt caching follows each provider's documented rules (``omniopd.teachers.prompt_cache``): Anthropic caches
+at ``cache_control`` breakpoints (4 at most, a 20-block lookback, entries usable once the answer that writes
+them begins) and refuses what the API refuses (a prefill ending in whitespace, an empty text block, a fifth
+breakpoint) with a 400; OpenAI (in steps of 128 tokens) and Gemini cache every long enough prompt on their own.
+Prompt tokens are counted at 4 characters each; usage carries each provider's cache fields
+(``cache_read_input_tokens``/``cache_creation_input_tokens``, ``prompt_tokens_details.cached_tokens``,
+``cachedContentTokenCount``). The minimum cached length is each model's documented one (``teachers.prices``)
+unless ``cache_min_tokens`` is set; each request's cache usage is recorded with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -37,6 +50,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from omniopd.teachers.prices import Provider, min_cache_tokens
+from omniopd.teachers.prompt_cache import (
+    OPENAI_INCREMENT,
+    BreakpointCache,
+    CacheUsage,
+    PrefixCache,
+    approx_tokens,
+    chat_prompt_text,
+    gemini_prompt_text,
+    message_blocks,
+)
 
 _WORDS = [
     "the",
@@ -110,10 +135,11 @@ class RecordedRequest:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    usage: CacheUsage | None = None  # the prompt's tokens: in total, read from the prompt cache, written to it
 
 
-def _error_body(route: str, status: int) -> dict[str, Any]:
-    message = {429: "rate limited (fake)", 401: "bad key (fake)", 400: "bad request (fake)"}.get(
+def _error_body(route: str, status: int, message: str | None = None) -> dict[str, Any]:
+    message = message or {429: "rate limited (fake)", 401: "bad key (fake)", 400: "bad request (fake)"}.get(
         status, "server error (fake)"
     )
     if route.startswith("anthropic"):
@@ -136,10 +162,21 @@ def _error_body(route: str, status: int) -> dict[str, Any]:
 class FakeProviderServer:
     """Start with ``with FakeProviderServer() as server:`` (or ``start()``/``stop()``)."""
 
-    def __init__(self, latency_s: float = 0.0, max_choices: int | None = None, chat_preamble: str = "") -> None:
+    def __init__(
+        self, latency_s: float = 0.0, max_choices: int | None = None, chat_preamble: str = "",
+        max_in_flight: int | None = None,
+    ) -> None:
         self.latency_s = latency_s
+        self.max_in_flight = max_in_flight  # requests worked on at once; None: all that arrive
+        self._serving = _TurnTaking(max_in_flight) if max_in_flight else None
         self.max_choices = max_choices
         self.chat_preamble = chat_preamble  # prepended to chat and Gemini answers (instruct post-processing tests)
+        self.cache_min_tokens: int | None = None  # shortest cached prompt prefix; None: each model's documented one
+        self._prompt_caches: dict[Provider, BreakpointCache | PrefixCache] = {
+            "anthropic": BreakpointCache(self._min_tokens("anthropic")),
+            "openai": PrefixCache(self._min_tokens("openai"), increment=OPENAI_INCREMENT),
+            "gemini": PrefixCache(self._min_tokens("gemini")),
+        }
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._lock = threading.Lock()
@@ -198,6 +235,32 @@ class FakeProviderServer:
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+        for cache in self._prompt_caches.values():
+            cache.clear()
+
+    # -- prompt caching --------------------------------------------------------------------------
+    def _min_tokens(self, provider: Provider):
+        return lambda model: self.cache_min_tokens or min_cache_tokens(model, provider)
+
+    def prompt_cache_lookup(self, route: str, body: dict[str, Any], model: str = "") -> tuple[CacheUsage, list]:
+        """The prompt's usage as the provider's cache sees it on arrival, and the writes its answer makes
+        (:meth:`prompt_cache_commit`). ``ValueError``: a request the provider refuses."""
+        if route == "anthropic.messages":
+            return self._prompt_caches["anthropic"].lookup(str(body.get("model", "")), message_blocks(body))
+        if route == "openai.completions":
+            prompt = body.get("prompt") or ""
+            text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        elif route == "openai.chat":
+            text = chat_prompt_text(body.get("messages") or [])
+        else:
+            text = gemini_prompt_text(body.get("contents") or [])
+        provider: Provider = "gemini" if route.startswith("gemini") else "openai"
+        return self._prompt_caches[provider].lookup(model or str(body.get("model", "")), text)
+
+    def prompt_cache_commit(self, route: str, pending: list) -> None:
+        provider: Provider = "anthropic" if route.startswith("anthropic") else "gemini" if route.startswith(
+            "gemini") else "openai"
+        self._prompt_caches[provider].commit(pending)
 
     def count(self, route: str | None = None) -> int:
         with self._lock:
@@ -220,7 +283,8 @@ class FakeProviderServer:
         return [" " + " ".join(rng.choice(_WORDS) for _ in range(words)) for _ in range(asked)]
 
     def answer(
-        self, route: str, body: dict[str, Any], fault: Fault | None, serial: int, model: str = ""
+        self, route: str, body: dict[str, Any], fault: Fault | None, serial: int, model: str = "",
+        usage: CacheUsage | None = None,
     ) -> dict[str, Any]:
         if route.startswith("openai"):
             asked = int(body.get("n") or 1)
@@ -236,7 +300,10 @@ class FakeProviderServer:
         if fault is not None and fault.choices is not None:
             given = min(given, fault.choices)
         texts = self._texts(body, given, max_tokens, serial)
-        prompt_tokens = len(json.dumps(body.get("prompt") or body.get("messages") or body.get("contents")).split())
+        if usage is None:  # not looked up in the prompt cache: the whole prompt, uncached
+            prompt = body.get("prompt") or body.get("messages") or body.get("contents")
+            usage = CacheUsage(approx_tokens(prompt if isinstance(prompt, str) else json.dumps(prompt)))
+        prompt_tokens = usage.prompt_tokens
         completion_tokens = sum(len(t.split()) for t in texts)
         now = int(time.time())
         if route == "openai.completions":
@@ -252,6 +319,7 @@ class FakeProviderServer:
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
                 },
             }
         if route == "openai.chat":
@@ -273,6 +341,7 @@ class FakeProviderServer:
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
                 },
             }
         if route == "anthropic.messages":
@@ -284,7 +353,12 @@ class FakeProviderServer:
                 "content": [{"type": "text", "text": texts[0]}] if texts else [],
                 "stop_reason": "max_tokens",
                 "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+                "usage": {
+                    "input_tokens": usage.uncached_tokens,  # after the last cache hit or write
+                    "cache_creation_input_tokens": usage.cache_write_tokens,
+                    "cache_read_input_tokens": usage.cached_tokens,
+                    "output_tokens": completion_tokens,
+                },
             }
         return {
             "candidates": [
@@ -299,10 +373,37 @@ class FakeProviderServer:
                 "promptTokenCount": prompt_tokens,
                 "candidatesTokenCount": completion_tokens,
                 "totalTokenCount": prompt_tokens + completion_tokens,
+                "cachedContentTokenCount": usage.cached_tokens,
             },
             "modelVersion": model,
             "responseId": f"resp-{serial}",
         }
+
+
+class _TurnTaking:
+    """At most ``slots`` holders at once, admitted in the order they arrived (a FIFO server queue)."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._queue: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        turn = threading.Event()
+        with self._lock:
+            if self._free and not self._queue:
+                self._free -= 1
+                turn.set()
+            else:
+                self._queue.append(turn)
+        turn.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._queue:
+                self._queue.popleft().set()  # the slot passes straight to the next in line
+            else:
+                self._free += 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -365,14 +466,22 @@ class _Handler(BaseHTTPRequestHandler):
             route=route, path=path, body=body, headers={k.lower(): v for k, v in self.headers.items()}
         )
         fault, serial = self.fake._record_and_pop_fault(rec)
-        delay = self.fake.latency_s + (fault.delay_s if fault else 0.0)
-        if delay:
-            time.sleep(delay)
-        if fault is not None and fault.status is not None:
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            self._send_json(fault.status, _error_body(route, fault.status), headers)
-            return
-        self._send_json(200, self.fake.answer(route, body, fault, serial, model))
+        with self.fake._serving or contextlib.nullcontext():
+            try:  # the prompt cache as it stands when the request is taken up
+                usage, pending = self.fake.prompt_cache_lookup(route, body, model)
+            except ValueError as err:  # what the provider refuses
+                self._send_json(400, _error_body(route, 400, str(err)))
+                return
+            delay = self.fake.latency_s + (fault.delay_s if fault else 0.0)
+            if delay:
+                time.sleep(delay)
+            if fault is not None and fault.status is not None:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+                self._send_json(fault.status, _error_body(route, fault.status), headers)
+                return
+            self.fake.prompt_cache_commit(route, pending)  # the answer begins: its writes can be read
+            rec.usage = usage
+            self._send_json(200, self.fake.answer(route, body, fault, serial, model, usage))
 
 
 __all__ = ["FakeProviderServer", "Fault", "RecordedRequest"]

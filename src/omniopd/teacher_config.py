@@ -1,0 +1,316 @@
+"""The ``teacher:`` section of the config: one class per ``teacher.type``, chosen by that field.
+
+Each class holds only the settings its backend reads, so a key the chosen type does not use is refused with
+one line (``teacher.base_url is not used by teacher.type=local``) instead of being ignored::
+
+    _TeacherBase                    type, model, temperature, top_p, max_new_tokens (what the audit asks for)
+    |-- _InProcessTeacher           batch_size, reuse_prefix, share_prefixes, dtype (teachers.local)
+    |   |-- LocalTeacherConfig           local
+    |   `-- PrivilegedTeacherConfig      privileged (the default): the model is also shown the reference
+    `-- APITeacherConfig            RuntimeOptions (concurrency, retries, top-ups, dispatch, budget, prompt cache),
+        |                           privileged, base_url, api_key_env, max_tokens_factor, cache, cache_path
+        |-- _OpenAITeacher               max_n_per_request, send_seed, extra_body
+        |   |-- OpenAICompletionsTeacherConfig   openai-completions: tokenizer, strip_bos, stop
+        |   `-- OpenAIChatTeacherConfig          openai-chat: max_tokens_field, send_sampling_params, reasoning_effort
+        |-- AnthropicTeacherConfig       anthropic: send_sampling_params, extra_body
+        `-- GeminiTeacherConfig          gemini: api_version, max_n_per_request, send_seed, send_sampling_params,
+                                         thinking_budget
+
+A backend is built from its config's fields by name (``backend_options``): a field added to a class reaches
+that backend's keyword arguments with no other change, and a field added to :class:`RuntimeOptions` reaches
+every API backend (``teachers.runtime`` reads its options through that class, the only place their defaults
+and ranges are written).
+
+Keys from before this layout are refused with the key that replaced them: ``teacher.options.<x>`` is now
+``teacher.<x>`` and ``teacher.max_tokens`` is ``teacher.max_total_tokens`` (a saved ``config.yaml`` in the old
+layout is converted by :func:`legacy_teacher`). Switching ``teacher.type`` by an override (``teacher.type=
+privileged`` on a recipe whose teacher is ``local``, or a ``compare`` arm) keeps every field the new type also
+has; a field the old type had and the new one lacks is dropped with a warning naming it (:func:`switch_type`),
+because an override cannot delete a key. A key written beside the type it does not fit (in the same recipe
+section, or by an override after the switch) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER_TYPE = "privileged"
+
+
+class Section(BaseModel):
+    """A config section: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeOptions(Section):
+    """What every API backend shares (``teachers.runtime``); pass them as keyword arguments to any backend."""
+
+    max_concurrency: int = Field(16, ge=1)  # HTTP requests in flight at once, across all trajectories (the ceiling)
+    adaptive_concurrency: bool = True  # shrink the requests in flight on timeouts/429s/slow answers, grow them back
+    min_concurrency: int = Field(1, ge=1)  # the adaptive limit's floor (and where it starts)
+    timeout_s: float = Field(120.0, gt=0.0)  # per request; a timeout is retried
+    max_retries: int = Field(5, ge=0)  # retries after the first attempt; then the request fails with ``error``
+    backoff_base_s: float = Field(1.0, ge=0.0)  # first backoff; doubles each retry, jittered to [d/2, d]
+    backoff_max_s: float = Field(60.0, ge=0.0)  # backoff ceiling
+    max_retry_after_s: float = Field(300.0, ge=0.0)  # ceiling on a server's Retry-After
+    max_topup_rounds: int = Field(2, ge=0)  # rounds of one-sample top-ups when a server returns fewer than n
+    dispatch: Literal["warm_first", "sequential", "parallel"] = "warm_first"  # order of one trajectory's requests
+    # USD per million tokens, for teacher/cost_usd and max_cost_usd; None: the price table (teachers.prices) for a
+    # known model, else 0 (input/output) or the input price times the provider's cache multiplier (cached/write)
+    price_input_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens billed in full
+    price_output_per_mtok: float | None = Field(None, ge=0.0)  # generated tokens
+    price_cached_input_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens read from the provider's cache
+    price_cache_write_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens written to it (Anthropic: 1.25x)
+    prompt_cache: bool = True  # shape requests for the provider's prompt cache (teachers.prompt_cache)
+    prompt_cache_min_tokens: int | None = Field(None, ge=1)  # the shortest prefix the provider caches (where
+    # Anthropic breakpoints go; what `omniopd estimate` assumes); None: the model's documented one (teachers.prices)
+    max_cost_usd: float | None = Field(None, gt=0.0)  # stop the run cleanly once the estimated cost reaches this
+    max_total_tokens: int | None = Field(None, gt=0)  # stop once input+output teacher tokens reach this
+    cache_path: str | None = None  # the SQLite response cache file; None: no cache
+
+    @model_validator(mode="after")
+    def _concurrency_range(self) -> RuntimeOptions:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"teacher.min_concurrency: must be <= teacher.max_concurrency ({self.max_concurrency}), "
+                             f"got {self.min_concurrency}")
+        return self
+
+
+class _TeacherBase(Section):
+    """A text-continuation oracle: "continue this prefix, n samples, about this many tokens"."""
+
+    # fields the run reads itself (the audit's sampling spec); every other field is a backend keyword argument
+    run_fields: ClassVar[frozenset[str]] = frozenset({"type", "temperature", "top_p", "max_new_tokens"})
+
+    type: str
+    model: str | None = None  # local: None = the student's own base model; API: the served model name
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
+
+    def backend_options(self) -> dict[str, Any]:
+        """The backend's keyword arguments: every field but ``run_fields``, by name."""
+        return self.model_dump(exclude=set(self.run_fields))
+
+
+class _InProcessTeacher(_TeacherBase):
+    """A Hugging Face model run in-process (``teachers.local``); its log-probabilities can be read (method=opd)."""
+
+    run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"model"}  # the factory resolves the model
+
+    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call
+    reuse_prefix: bool = True  # one prefill shared by the N samples of a chunk
+    share_prefixes: bool = False  # also share prefill across the nested prompts of a generate call (with reuse_prefix)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class LocalTeacherConfig(_InProcessTeacher):
+    type: Literal["local"] = "local"
+
+
+class PrivilegedTeacherConfig(_InProcessTeacher):
+    """The model also reads the dataset's reference solution (self-distillation with privileged information)."""
+
+    type: Literal["privileged"] = "privileged"
+
+
+class APITeacherConfig(RuntimeOptions, _TeacherBase):
+    """An HTTP teacher (``teachers.runtime`` and one ``*_backend`` module per type).
+
+    API keys are read from the environment variable named by ``api_key_env`` and are never written anywhere.
+    """
+
+    run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"cache"}  # cache -> cache_path: the factory
+
+    privileged: bool = False  # also show the dataset's reference solution
+    base_url: str | None = None  # None: the provider's own endpoint
+    api_key_env: str | None = None  # the environment variable holding the key (each type names its default)
+    max_tokens_factor: float = Field(1.0, gt=0.0)  # output allowance per request = ceil(C * factor)
+    cache: bool = True  # persistent SQLite cache of responses: reruns and resumes do not pay twice
+    cache_path: str | None = None  # with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> APITeacherConfig:
+        if not self.model:
+            raise ValueError(f"teacher.model: required for teacher.type={self.type} (the model name the API serves)")
+        return self
+
+
+class _OpenAITeacher(APITeacherConfig):
+    api_key_env: str = "OPENAI_API_KEY"
+    max_n_per_request: int | None = Field(None, ge=1)  # most samples asked in one request (n); None: all N at once
+    send_seed: bool = True  # a per-request seed (servers treat it as best effort)
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # extra JSON fields sent verbatim (e.g. {top_k: -1})
+
+
+class OpenAICompletionsTeacherConfig(_OpenAITeacher):
+    """``/v1/completions``, completion protocol: the raw prefix (vLLM, SGLang, llama.cpp, transformers serve)."""
+
+    type: Literal["openai-completions"] = "openai-completions"
+    tokenizer: str | None = None  # the tokenizer whose chat template frames the prefix; None: a plain template
+    strip_bos: bool = True  # drop the template's BOS (the server's tokenizer adds its own)
+    stop: list[str] | None = None  # stop sequences; None: none with a chat template, a plain-frame stop without
+
+
+class OpenAIChatTeacherConfig(_OpenAITeacher):
+    """``/v1/chat/completions``, instruct protocol (chat-only APIs)."""
+
+    type: Literal["openai-chat"] = "openai-chat"
+    max_tokens_factor: float = Field(1.5, gt=0.0)  # room for a preamble that is stripped
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"  # older servers
+    send_sampling_params: bool = True  # send temperature/top_p; False for models that reject them
+    reasoning_effort: str | None = None  # passed through when set (reasoning models spend output on thinking)
+
+
+class AnthropicTeacherConfig(APITeacherConfig):
+    """Messages API, prefill protocol (one sample per request)."""
+
+    type: Literal["anthropic"] = "anthropic"
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    send_sampling_params: bool = False  # the current API rejects temperature/top_p; True for compatible servers
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class GeminiTeacherConfig(APITeacherConfig):
+    """Google GenAI ``generateContent``, instruct protocol."""
+
+    type: Literal["gemini"] = "gemini"
+    api_key_env: str | None = None  # None: GEMINI_API_KEY, then GOOGLE_API_KEY
+    api_version: str | None = None  # e.g. v1beta; None: the SDK's default
+    max_n_per_request: int = Field(8, ge=1)  # candidate_count per request; 1 for models without several candidates
+    send_seed: bool = True
+    send_sampling_params: bool = True
+    thinking_budget: int | None = 0  # 0: no thinking; None: the model's default
+    max_tokens_factor: float = Field(1.5, gt=0.0)
+
+
+TEACHER_CLASSES: dict[str, type[_TeacherBase]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (LocalTeacherConfig, PrivilegedTeacherConfig, OpenAICompletionsTeacherConfig, OpenAIChatTeacherConfig,
+                AnthropicTeacherConfig, GeminiTeacherConfig)
+}
+TEACHER_TYPES = tuple(TEACHER_CLASSES)
+API_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, APITeacherConfig))
+WHITE_BOX_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, _InProcessTeacher))
+_ALL_FIELDS = frozenset(f for c in TEACHER_CLASSES.values() for f in c.model_fields)
+RENAMED = {"max_tokens": "max_total_tokens"}  # old teacher key -> new
+
+
+def _type_of(data: dict[str, Any]) -> Any:
+    return data.get("type", DEFAULT_TEACHER_TYPE)
+
+
+def check_keys(data: Any) -> Any:
+    """The ``teacher:`` mapping with its type filled in, or a one-line ``ValueError`` for a key that was renamed
+    or that the chosen type does not use. Runs before the union is validated (a model instance passes as is)."""
+    if not isinstance(data, dict):
+        return data
+    kind = _type_of(data)
+    if kind not in TEACHER_TYPES:
+        allowed = ", ".join(repr(t) for t in TEACHER_TYPES[:-1]) + f" or {TEACHER_TYPES[-1]!r}"
+        raise ValueError(f"teacher.type: Input should be {allowed} (got {kind!r})")
+    fields = TEACHER_CLASSES[kind].model_fields
+    for key in data:
+        if key == "options":
+            inner = data[key]
+            first = next(iter(inner), None) if isinstance(inner, dict) else None
+            if first is not None:
+                raise ValueError(f"teacher.options was removed: teacher.options.{first} is now teacher.{first}")
+            raise ValueError("teacher.options was removed: set each option directly under teacher (e.g. teacher.backoff_base_s)")
+        if key in RENAMED:
+            raise ValueError(f"teacher.{key} was renamed to teacher.{RENAMED[key]}")
+        if key in _ALL_FIELDS and key not in fields:
+            raise ValueError(f"teacher.{key} is not used by teacher.type={kind}")
+    return {**data, "type": kind}
+
+
+TeacherConfig = Annotated[
+    LocalTeacherConfig | PrivilegedTeacherConfig | OpenAICompletionsTeacherConfig | OpenAIChatTeacherConfig
+    | AnthropicTeacherConfig | GeminiTeacherConfig,
+    Field(discriminator="type"),
+    BeforeValidator(check_keys),
+]
+
+
+def switch_type(before: Any, after: Any, written: set[str]) -> Any:
+    """``after`` (the teacher mapping once an override was applied to ``before``) without the fields the old
+    type had and the new type lacks, when the override changed ``teacher.type``; ``written`` are the keys the
+    override itself set (never dropped: a key set with the new type is checked against it)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return after
+    old, new = _type_of(before), _type_of(after)
+    if old == new or old not in TEACHER_TYPES or new not in TEACHER_TYPES:
+        return after
+    old_fields, new_fields = TEACHER_CLASSES[old].model_fields, TEACHER_CLASSES[new].model_fields
+    dropped = [k for k in after if k not in written and k in old_fields and k not in new_fields]
+    if not dropped:
+        return after
+    log.warning("teacher.type=%s (was %s): dropping %s, not used by teacher.type=%s",
+                new, old, ", ".join(f"teacher.{k}" for k in dropped), new)
+    return {k: v for k, v in after.items() if k not in dropped}
+
+
+def legacy_teacher(saved: Any) -> Any:
+    """A teacher section saved in the flat layout (every field for every type, ``options``, ``max_tokens``) in
+    the current one: ``options`` merged in (they were applied last), renamed keys renamed, and fields its type
+    does not use dropped (they had no effect on the run). Anything else is returned as is."""
+    if not isinstance(saved, dict) or _type_of(saved) not in TEACHER_TYPES:
+        return saved
+    flat = {k: v for k, v in saved.items() if k != "options"}
+    for old, new in RENAMED.items():
+        if old in flat:
+            value = flat.pop(old)
+            flat.setdefault(new, value)
+    if isinstance(saved.get("options"), dict):
+        flat.update(saved["options"])
+    if "options" in saved or "max_tokens" in saved:  # the flat layout itself: its price of 0 meant "no price"
+        flat = {k: v for k, v in flat.items() if not (k in _PRICE_KEYS and v == 0.0)}
+    fields = TEACHER_CLASSES[_type_of(saved)].model_fields
+    # a key its type does not use, or a None that stood for the backend's default (api_key_env)
+    return {k: v for k, v in flat.items() if k in fields and not (v is None and fields[k].default is not None)}
+
+
+_PRICE_KEYS = ("price_input_per_mtok", "price_output_per_mtok")  # now None by default: the price table
+
+
+# The flat layout every teacher type shared before the per-type classes, with its defaults. A cache key hashed
+# from a teacher config (the compare judge's) is computed in this layout, so results cached under it stay valid.
+_FLAT_LAYOUT: dict[str, Any] = {
+    "type": DEFAULT_TEACHER_TYPE, "model": None, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": None,
+    "batch_size": 32, "reuse_prefix": True, "share_prefixes": False, "dtype": "float32", "privileged": False,
+    "base_url": None, "api_key_env": None, "tokenizer": None, "max_concurrency": 16, "timeout_s": 120.0,
+    "max_retries": 5, "price_input_per_mtok": 0.0, "price_output_per_mtok": 0.0, "max_cost_usd": None,
+    "max_tokens": None, "cache": True, "cache_path": None, "options": {},
+}
+
+
+def flat_layout(teacher: _TeacherBase) -> dict[str, Any]:
+    """``teacher`` as the flat layout wrote it: each field that layout had (under its old name), at the layout's
+    default where it is at its type's default; any other field that differs from its default under ``options``."""
+    old_name = {new: old for old, new in RENAMED.items()}
+    out: dict[str, Any] = {**_FLAT_LAYOUT, "options": {}}
+    for name, value in teacher.model_dump(mode="json").items():
+        key = old_name.get(name, name)
+        at_default = name != "type" and value == type(teacher).model_fields[name].get_default(call_default_factory=True)
+        if key in _FLAT_LAYOUT and key != "options":
+            out[key] = _FLAT_LAYOUT[key] if at_default else value
+        elif not at_default:
+            out["options"][name] = value
+    return out
+
+
+def option_error(err: ValidationError) -> str:
+    """One line for a bad backend keyword argument (``RuntimeOptions`` validated outside the config)."""
+    e = err.errors()[0]
+    name = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"unexpected keyword argument {name!r}"
+    if not name:  # a check across fields (min_concurrency <= max_concurrency): its message names them
+        return str(e.get("ctx", {}).get("error", e["msg"]))
+    return f"{name}: {e['msg']} (got {e.get('input')!r})"
