@@ -133,7 +133,8 @@ class Judge:
             # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
             "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
             "student": cfg.student.model_dump(mode="json"),
-            "rollout": cfg.rollout.model_dump(mode="json"), "seed": cfg.seed,
+            # less rollout.compile: how the same tokens are decoded, not which
+            "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}), "seed": cfg.seed,
         }, sort_keys=True).encode()).hexdigest()[:16]
 
     def measures_for(self, bench: str) -> list[tuple[str, str, str]]:
