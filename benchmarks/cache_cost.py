@@ -1,7 +1,7 @@
 """What prompt caching saves an API teacher, on the fake providers and in ``omniopd estimate``.
 
     python benchmarks/cache_cost.py --output cache_cost.json [--steps 8] [--max-new-tokens T] [--min-tokens 64]
-        [--train-steps 2] [--recipe R] [key=value ...]
+        [--train-steps 2] [--rollouts FILE] [--recipe R] [key=value ...]
 
 1. Samples ``--steps`` batches of real rollouts of the recipe's student once (the default recipe: SmolLM2-135M
    on GSM8K, 2 prompts x 2 samples per step, C=24, M=3), then audits every batch with an API teacher against
@@ -9,7 +9,7 @@
    rules), one fresh teacher and server per setting, all settings on the same rollouts: Anthropic
    (``claude-haiku-4-5`` list prices) with caching off and on, for N=4 and N=10, with and without adaptive N
    (rounds of 2, the recipe's width), plus N=10 with ``dispatch=sequential``, and OpenAI chat (``gpt-5-mini``)
-   and Gemini (``gemini-2.5-flash``), which cache on their own. Billed tokens (prompt in total, read from the
+   and Gemini (``gemini-2.5-flash``), which cache on their own (N=10, with and without adaptive N). Billed tokens (prompt in total, read from the
    cache, written to it, generated), teacher samples and dollars per setting.
    The minimum cached prefix is scaled down to ``--min-tokens`` on both sides (client and fake): GSM8K prompts
    are a few hundred tokens, under every provider's real minimum (1,024-4,096), where nothing would be cached;
@@ -43,8 +43,9 @@ HAIKU = "claude-haiku-4-5"
 KEYS = ("requests", "tokens_in", "cached_tokens", "cache_write_tokens", "tokens_out", "cost_usd")
 
 
-def sample_batches(cfg, steps: int):
-    """``steps`` batches of the recipe's prompt stream and the student's rollouts of them."""
+def sample_batches(cfg, steps: int, saved: str | None = None):
+    """``steps`` batches of the recipe's prompt stream and the student's rollouts of them (read from ``saved``
+    when that file holds them, else sampled and written there)."""
     import torch
 
     from omniopd.data import PromptStream
@@ -56,6 +57,11 @@ def sample_batches(cfg, steps: int):
     model, tok = load_model(cfg.student.name, cfg.student.dtype)
     for p in model.parameters():
         p.requires_grad_(False)
+    key = {"recipe": cfg.model_dump(mode="json"), "steps": steps}
+    if saved and Path(saved).is_file():
+        stored = torch.load(saved, weights_only=False)
+        if stored["key"] == key:
+            return model, tok, stored["batches"]
     stream, r, batches = PromptStream.from_config(cfg), cfg.rollout, []
     for _ in range(steps):
         examples = stream.next_batch()
@@ -64,6 +70,8 @@ def sample_batches(cfg, steps: int):
                              max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                              batch_size=r.batch_size)
         batches.append((examples, ro))
+    if saved:
+        torch.save({"key": key, "batches": batches}, saved)
     return model, tok, batches
 
 
@@ -102,8 +110,8 @@ def settings() -> list[dict]:
     out = [{"provider": "anthropic", "N": n, "adaptive": ad, "prompt_cache": pc, "dispatch": "warm_first"}
            for n in (4, 10) for ad in (False, True) for pc in (False, True)]
     out.append({"provider": "anthropic", "N": 10, "adaptive": False, "prompt_cache": True, "dispatch": "sequential"})
-    out += [{"provider": p, "N": 10, "adaptive": False, "prompt_cache": True, "dispatch": "warm_first"}
-            for p in ("openai-chat", "gemini")]
+    out += [{"provider": p, "N": 10, "adaptive": ad, "prompt_cache": True, "dispatch": "warm_first"}
+            for p in ("openai-chat", "gemini") for ad in (False, True)]
     return out
 
 
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-tokens", type=int, default=64, help="the scaled-down minimum cached prefix [64]")
     ap.add_argument("--latency", type=float, default=0.05, help="the fake's seconds per answer [0.05]")
     ap.add_argument("--train-steps", type=int, default=2, help="steps of the real-run check (0: skip) [2]")
+    ap.add_argument("--rollouts", default=None, help="a file to keep the sampled rollouts in (reused by a rerun)")
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "gsm8k-smollm2-cpu.yaml"))
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
     cfg = load_config(args.recipe, overrides)
     t0 = time.perf_counter()
-    model, tok, batches = sample_batches(cfg, args.steps)
+    model, tok, batches = sample_batches(cfg, args.steps, args.rollouts)
     rollout_s = time.perf_counter() - t0
 
     measured = {}

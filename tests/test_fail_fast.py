@@ -91,15 +91,12 @@ def test_a_key_model_or_request_the_server_refuses_ends_the_run_in_seconds(tmp_p
 def test_a_refused_connection_is_not_retried_and_names_the_url(monkeypatch) -> None:
     monkeypatch.delenv(NO_KEY_ENV, raising=False)
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    with OpenAICompletionsTeacher("m", base_url=url, api_key_env=NO_KEY_ENV, backoff_base_s=5.0) as teacher:
-        started = time.perf_counter()
+    with OpenAICompletionsTeacher("m", base_url=url, api_key_env=NO_KEY_ENV) as teacher:
         [result] = teacher.continue_prefixes(REQUEST, SamplingSpec(n=2, max_new_tokens=4))
-        seconds = time.perf_counter() - started
         metrics = teacher.metrics()
         reason = teacher.unusable_reason()
     assert result.error == "connection refused (after 1 attempt)"
     assert metrics["teacher/requests"] == 1 and metrics["teacher/retries"] == 0
-    assert seconds < 4  # no backoff (it would be at least 2.5 s)
     assert reason == (f"teacher openai-completions:m at {url} cannot be reached: connection refused "
                       "(is the server running? check teacher.base_url)")
 

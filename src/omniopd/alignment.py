@@ -17,6 +17,7 @@ like with like.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -78,7 +79,7 @@ def decoder_and_head(model):
     return decoder, head
 
 
-def response_hidden(model, batch: SequenceBatch) -> tuple[Tensor, object]:
+def response_hidden(model, batch: SequenceBatch) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Hidden states (B, T, D) with ``[:, t]`` the state that produced response token t, and the head."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # data parallel: the forward goes through the wrapper so that its gradient all-reduce is armed;

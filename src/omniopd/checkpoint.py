@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding the model (safetensors),
 the optimizer and scheduler states, every RNG state (Python, NumPy, torch CPU and CUDA), the prompt
-stream's position, the step, the running totals and the resolved config. It is written into a
+stream's position, the step, the running totals and the resolved config; a pipelined run's
+(``pipeline.mode: one_step``) also holds the batch it sampled ahead for the next step (``pipeline.pt``,
+``omniopd.pipeline``). It is written into a
 ``.tmp`` sibling and renamed into place only when complete (a rename within a directory is atomic on
 POSIX), so a kill during the write leaves the previous checkpoint intact and the half-written one is
 ignored and cleaned up next time. ``keep_last`` bounds how many are kept.
@@ -32,6 +34,7 @@ _STEP_DIR = "step-{:06d}"
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint directory of a sharded run's checkpoint
 # config fields that may change between a run and its resumption
 RESUMABLE_CHANGES = {"max_steps", "eval", "checkpoint", "resume", "output_dir", "report_to"}
+PIPELINE_FILE = "pipeline.pt"  # a pipelined run's pre-sampled next batch (tensors and plain lists)
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -62,7 +65,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    config_yaml: str, keep_last: int) -> Path:
+                    config_yaml: str, keep_last: int, pipeline_state: dict | None = None) -> Path:
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / _STEP_DIR.format(step)
@@ -74,6 +77,8 @@ def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    if pipeline_state is not None:
+        torch.save(pipeline_state, tmp / PIPELINE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -84,7 +89,8 @@ def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, sc
 
 
 def save_sharded_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                            config_yaml: str, keep_last: int, rank: int, world: int, barrier) -> Path:
+                            config_yaml: str, keep_last: int, rank: int, world: int, barrier,
+                            pipeline_state: dict | None = None) -> Path:
     """A sharded run's checkpoint, written by every process together (``barrier()`` waits for all of them);
     the main process (rank 0) writes what every rank holds alike and publishes the directory."""
     import torch.distributed.checkpoint as dcp
@@ -104,6 +110,8 @@ def save_sharded_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optim
     if rank == 0:
         tokenizer.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if pipeline_state is not None:
+            torch.save(pipeline_state, tmp / PIPELINE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
         state = {"step": step, "world_size": world, **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -147,6 +155,18 @@ def load_trainer_state(ckpt: Path) -> dict:
         return state
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise OmniOPDError(f"checkpoint {ckpt} is corrupt or incomplete (trainer_state.json: {type(err).__name__})") from None
+
+
+def load_pipeline_state(ckpt: Path) -> dict | None:
+    """The pre-sampled next batch a pipelined run saved with ``ckpt``, or None where there is none (an
+    on-policy run, or a checkpoint of the last step)."""
+    path = ckpt / PIPELINE_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({PIPELINE_FILE}: {type(err).__name__}: {str(err)[:200]})") from None
 
 
 def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:

@@ -163,6 +163,31 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
 
 
+class PipelineConfig(_Section):
+    """Overlapping the teacher with the student (``omniopd.pipeline``).
+
+    ``off`` (the default, the paper's setting): every step samples its rollouts with the current weights,
+    then waits for their audit. ``one_step`` (a departure, named in every compare table): step t+1's rollouts
+    are sampled while step t's audit (the teacher's requests and phi) is in flight, so the rollouts trained at
+    step t+1 were sampled with the weights from before step t's update; the staleness is at most one step and
+    is logged every step (``pipeline/staleness``: 0 at the first step, 1 after), with the seconds the student
+    waited for the teacher (``time/teacher_wait_s``) and the audit seconds that ran beside sampling
+    (``time/overlap_s``). The pre-sampled batch is part of a checkpoint, so a resumed run ends where an
+    uninterrupted one does. Only an API teacher's requests are overlapped: it needs ``method: omniopd``, an
+    API ``teacher.type`` and one process (each refused with one line otherwise).
+    """
+
+    mode: Literal["off", "one_step"] = "off"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _off(cls, data: Any) -> Any:
+        """YAML reads a bare ``off`` as false: take it as the mode it spells."""
+        if isinstance(data, dict) and data.get("mode") is False:
+            data = {**data, "mode": "off"}
+        return data
+
+
 class DistributedConfig(_Section):
     """How the processes of a multi-process run (``torchrun`` or ``accelerate launch``) hold the student.
 
@@ -270,7 +295,7 @@ class RunConfig(_Section):
     output_dir: str = "runs/omniopd"
     resume: bool | Literal["auto"] = False  # auto: continue from output_dir's last checkpoint if there is one
     seed: int = 0
-    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["jsonl"])
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = ["jsonl"]  # pydantic copies it per instance
     max_steps: int = Field(10, ge=0)
     student: ModelConfig = ModelConfig()
     teacher: TeacherConfig = PrivilegedTeacherConfig()  # one class per teacher.type (omniopd.teacher_config)
@@ -282,6 +307,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    pipeline: PipelineConfig = PipelineConfig()  # off: on-policy; one_step: the teacher overlapped
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     opd: OPDConfig = OPDConfig()

@@ -386,7 +386,7 @@ class PromptStream:
         return torch.randperm(len(self.examples), generator=g).tolist()
 
     def next_batch(self) -> list[Example]:
-        out = []
+        out: list[Example] = []
         while len(out) < self.batch_size:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0

@@ -133,7 +133,8 @@ def compile_config(model) -> CompileConfig:
     cuda = _device(model).type == "cuda"
     cfg = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if cuda else "default")
     if not cuda:
-        cfg._compile_all_devices = True  # transformers compiles off CUDA only when asked
+        # transformers compiles off CUDA only when asked (its class declares this private flag as None)
+        cfg._compile_all_devices = True  # type: ignore[assignment]
     return cfg
 
 
@@ -252,6 +253,7 @@ class RawTokenStats(LogitsProcessor):
             empty = torch.zeros(new_tokens.shape[0], 0)
             return empty, empty.clone()
         if len(self._chosen) < T:  # the last kept step's token was never fed back
+            assert self._logp is not None  # set by every step that recorded an entropy
             self._chosen.append(self._logp.gather(-1, new_tokens[:, T - 1 : T].to(self._logp.device)).squeeze(-1))
         ent = torch.stack(self._entropy[:T], dim=1).cpu()
         chosen = torch.stack(self._chosen[:T], dim=1).cpu()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 from omniopd.errors import ConfigError
 
@@ -16,7 +17,7 @@ BACKENDS = ("jsonl", "tensorboard", "wandb", "trackio")
 
 
 class MetricLoggers:
-    def __init__(self, out_dir: Path, report_to: list[str], config: dict, run_name: str):
+    def __init__(self, out_dir: Path, report_to: Sequence[str], config: dict, run_name: str):
         unknown = [b for b in report_to if b not in BACKENDS]
         if unknown:
             raise ConfigError(f"report_to: unknown backend {unknown[0]!r}; use any of {', '.join(BACKENDS)}")

@@ -83,7 +83,7 @@ def _part_files(name: str, spec: PackagedModel) -> list[Path]:
                 f"model '{name}' needs {dist_name} {spec.version}, found {dist.version}: "
                 f"{spec.pip_command([dist_name])} --force-reinstall"
             )
-        path = Path(dist.locate_file(rel))
+        path = Path(str(dist.locate_file(rel)))  # a pathlib.Path for an installed package
         if not path.is_file():
             raise ModelError(
                 f"model '{name}': {rel} is missing from the installed package {dist_name}: "
@@ -173,9 +173,10 @@ def _gguf_to_cache(gguf: Path) -> Path:
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad model file for the user
         raise ModelError(f"cannot load GGUF {gguf}: {err}") from None
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are
-    # already dequantized to fp32, so clearing the marker is exact.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # already dequantized to fp32, so clearing the marker is exact. (The ignores: transformers sets both
+    # attributes at load time without declaring them on the model class.)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")

@@ -109,12 +109,13 @@ def _generate(
         out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], call_gen, compile=compile,
                                 logits_processor=procs)
         new = out[:, enc["input_ids"].shape[1] :]
-        ent, logp = recorder.result(new) if recorder is not None else (None, None)
+        recorded = recorder.result(new) if recorder is not None else None  # (entropy, log p), each (B, T)
         for r, row in enumerate(new.tolist()):
             cut = next((k for k, t in enumerate(row) if t in eos), None)
             responses.append(row if cut is None else row[: cut + 1])
             finished.append(cut is not None)
-            if ent is not None:
+            if recorded is not None:
+                ent, logp = recorded
                 L = len(responses[-1])
                 stats.append((ent[r, :L], logp[r, :L]))
         if progress is not None:

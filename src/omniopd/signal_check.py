@@ -29,16 +29,18 @@ are drawn once and scored with every phi asked for.
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 
 from omniopd.audit import phi_by_name, run_audit
-from omniopd.config import API_TEACHER_TYPES, WHITE_BOX_TEACHER_TYPES, RunConfig, build_config
+from omniopd.config import RunConfig, build_config
 from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts, sample_rollouts
 from omniopd.stats import mean_se, pearson
-from omniopd.teacher_config import LocalTeacherConfig
+from omniopd.teacher_config import APITeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
 from omniopd.teachers import build_teacher
 
 
@@ -50,7 +52,7 @@ def _control_teacher(cfg: RunConfig, teacher):
         t = cfg.teacher
         return LocalTeacher(teacher.model, teacher.tokenizer, t.model or cfg.student.name, privileged=False,
                             batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
-    if cfg.teacher.type in API_TEACHER_TYPES and cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
+    if isinstance(cfg.teacher, APITeacherConfig) and cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
         data = cfg.model_dump(mode="json")
         data["teacher"]["privileged"] = False
         return build_teacher(build_config(data))
@@ -119,7 +121,8 @@ def _self_teacher(cfg: RunConfig, model, tok):
         return None
     from omniopd.teachers.local import LocalTeacher
 
-    local = t if t.type in WHITE_BOX_TEACHER_TYPES else LocalTeacherConfig()  # an API teacher: the in-process defaults
+    # an in-process teacher's own settings (the WHITE_BOX_TEACHER_TYPES); an API teacher: the in-process defaults
+    local = t if isinstance(t, (LocalTeacherConfig, PrivilegedTeacherConfig)) else LocalTeacherConfig()
     return LocalTeacher(model, tok, cfg.student.name, privileged=False, batch_size=local.batch_size, reuse_prefix=local.reuse_prefix)
 
 
@@ -141,7 +144,7 @@ def _self_verdict(phi: str, N: int, r: dict, have_self: bool) -> list[str]:
                    "with itself is specific to the chunk."]
 
 
-def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = None) -> dict:
+def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None = None) -> dict:
     """k_sem of the teacher vs the shuffled and no-privilege controls, for every phi in ``phis``."""
     if steps < 1:
         raise ConfigError(f"check-signal: steps must be >= 1 (got {steps})")
@@ -201,7 +204,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: list[str] | None = Non
         both = [j for j, c in enumerate(chunks) if c["key"] in ctrl_by_key]
         k_np = [sum(phi(chunks[j]["student"], x) for x in ctrl_by_key[chunks[j]["key"]]) for j in both]
         d_np = [k_t[j] - kn for j, kn in zip(both, k_np, strict=True)]
-        res = {"chunks": len(chunks)}
+        res: dict[str, Any] = {"chunks": len(chunks)}
         for label, xs in (("teacher_k_sem", k_t), ("shuffled_k_sem", k_s), ("no_privilege_k_sem", k_np),
                           ("teacher_minus_shuffled", d_s), ("teacher_minus_no_privilege", d_np)):
             res[label], res[label + "_se"] = mean_se(xs)

@@ -2,6 +2,12 @@
 
     examples -> method.sample -> method.audit -> method.backward -> optimizer -> method.accumulate -> log -> eval/save
 
+The first two are the step's pipeline (``omniopd.pipeline``, ``pipeline.mode``): by default the step samples
+its prompts with the current weights and audits them, one after the other (the paper's on-policy setting);
+with ``pipeline.mode: one_step`` (a departure) the audit runs in a worker thread while the next step's
+prompts are sampled, so a step trains on rollouts sampled before the previous update (logged as
+``pipeline/staleness``), and the batch sampled ahead is part of every checkpoint.
+
 The method is ``METHODS[cfg.method]`` (``omniopd.methods``: the paper's OmniOPD and the baselines SFT,
 OPD and GRPO, each a :class:`~omniopd.methods.Method` that fills every slot), and setup asks it which
 teacher to build (``method.teacher_role``) and what to prepare; nothing here tests a method's name. The
@@ -37,6 +43,7 @@ from omniopd.checkpoint import (
     config_differences,
     list_checkpoints,
     load_into,
+    load_pipeline_state,
     load_sharded_into,
     load_trainer_state,
     save_checkpoint,
@@ -47,6 +54,8 @@ from omniopd.data import Example, PromptStream, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
 from omniopd.methods import METHODS, NoTeacher, TrainState
 from omniopd.models import load_model
+from omniopd.pipeline import check as check_pipeline
+from omniopd.pipeline import make_pipeline
 from omniopd.sharding import is_sharded
 from omniopd.teachers import build_teacher
 
@@ -69,6 +78,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         )
     accelerator = Accelerator(cpu=not _has_accelerator_device())  # without one, launched processes join as MULTI_CPU (gloo)
     check_distributed(cfg, accelerator)
+    check_pipeline(cfg, METHODS[cfg.method], accelerator.num_processes)
     set_seed(cfg.seed, device_specific=True)  # rank r samples with seed + r (rank 0: the one-process stream)
     train_examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap)
     model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
@@ -113,7 +123,8 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     from omniopd.loggers import MetricLoggers
 
     loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name) if main else None
-    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir, loggers)
+    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir, loggers,
+                       pipeline=make_pipeline(cfg, tokenizer))
     if resume_from is None:
         if main:
             for name in ("metrics.jsonl", "audits.jsonl"):
@@ -203,6 +214,7 @@ def restore(state: TrainState, ckpt: Path) -> None:
     state.step = int(saved["step"])
     state.last_checkpoint = state.step
     state.stream.load_state_dict(saved["stream"])
+    state.pipeline.load_state_dict(load_pipeline_state(ckpt), state)  # a pipelined run's batch sampled ahead
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
     if acc.num_processes > 1 and not own_rng:  # the checkpoint holds the main rank's RNG: give each rank its own
         from accelerate.utils import set_seed
@@ -236,7 +248,7 @@ def checkpoint(state: TrainState) -> Path | None:
             optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
             trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
             keep_last=state.cfg.checkpoint.keep_last, rank=acc.process_index, world=acc.num_processes,
-            barrier=acc.wait_for_everyone,
+            barrier=acc.wait_for_everyone, pipeline_state=state.pipeline.state_dict(),
         )
     elif acc.is_main_process:
         path = _save_checkpoint(state)
@@ -250,7 +262,7 @@ def _save_checkpoint(state: TrainState) -> Path:
         state.out_dir, state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
         optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
         trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-        keep_last=state.cfg.checkpoint.keep_last,
+        keep_last=state.cfg.checkpoint.keep_last, pipeline_state=state.pipeline.state_dict(),
     )
 
 
@@ -314,16 +326,11 @@ def train_step(state: TrainState) -> dict[str, float]:
     t_step = time.perf_counter()
     method = METHODS[state.cfg.method]
     acc = state.accelerator
-    examples = state.stream.next_batch()  # the global batch: every rank advances the stream alike
-    if acc.num_processes > 1:
-        from omniopd.distributed import rank_slice
-
-        examples = rank_slice(examples, acc.process_index, acc.num_processes)
-    t0 = time.perf_counter()
-    rollouts = method.sample(state, examples)
-    synchronize(acc.device)
-    t_rollout = time.perf_counter() - t0
-    signal = method.audit(state, rollouts, examples)
+    # this step's prompts (this rank's share) and the student's samples of them, then their audit; pipelined
+    # (pipeline.mode: one_step), sampled during the previous step, and audited while the next batch is sampled
+    sampled = state.pipeline.next_batch(state, method)
+    rollouts = sampled.rollouts
+    signal = state.pipeline.audit(state, method, sampled)
     t0 = time.perf_counter()
     loss_metrics = method.backward(state, rollouts.batch, signal)
     synchronize(acc.device)
@@ -349,7 +356,7 @@ def train_step(state: TrainState) -> dict[str, float]:
             "rollout/truncated_frac": rollouts.truncated_frac,
             "rollout/trajectories": float(len(lengths)),
         } if method.on_policy else {}),
-        "time/rollout_s": t_rollout,
+        **sampled.metrics,  # time/rollout_s; pipelined: pipeline/staleness and the teacher's overlap
         "time/loss_backward_s": t_loss,
         "time/optimizer_s": t_optim,
         "time/step_s": time.perf_counter() - t_step,
@@ -477,6 +484,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
             except TeacherError as err:
                 # budget reached or too many failed chunks: keep what was learnt so far, then stop (a sharded
                 # student is gathered by every process together, which this one process cannot do alone)
+                state.pipeline.close()
                 if is_sharded(state.model):
                     state.teacher.close()
                     raise TeacherError(f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
@@ -488,6 +496,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
                 checkpoint(state)
             bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
             bar.update(1)
+    state.pipeline.close()
     state.teacher.close()
     if state.loggers is not None:
         state.loggers.close()

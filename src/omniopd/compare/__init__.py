@@ -121,9 +121,10 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
         row: dict[str, Any] = {
             "name": v.name, "method": v.method, "departures": departures(vcfg),
             "changes": ", ".join(f"{k}={val}" for k, val in v.overrides.items()),
-            "teacher": (f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}" if method and method.uses_teacher(vcfg) else "—"),
+            "teacher": (f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}"
+                        if vcfg and method and method.uses_teacher(vcfg) else "—"),
             "lr": vcfg.optim.lr if vcfg else None,
-            "rollout_temperature": vcfg.rollout.temperature if method and method.on_policy else None,
+            "rollout_temperature": vcfg.rollout.temperature if vcfg and method and method.on_policy else None,
             "steps": 0 if vcfg is None else None, "teacher_tokens": 0 if vcfg is None else None,
             "teacher_requests": 0 if vcfg is None else None, "train_wall_s": 0.0 if vcfg is None else None,
             "run_dir": vcfg.output_dir if vcfg else None, "measures": None, "diff": None, "diffs": None,
@@ -148,8 +149,8 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
                 row["measures"] = judge.measure(v.name, model_path)
             except Exception as err:  # noqa: BLE001 - reported in the status column; the other arms still run
                 row["status"] += f"; measuring failed: {type(err).__name__}: {str(err)[:300]}"
-            for bench, err in ((row["measures"] or {}).get("errors") or {}).items():
-                row["status"] += f"; measuring {bench} failed: {err}"
+            for bench, why in ((row["measures"] or {}).get("errors") or {}).items():
+                row["status"] += f"; measuring {bench} failed: {why}"
         rows.append(row)
         if is_base(v) and row["measures"]:
             base_measures = row["measures"]

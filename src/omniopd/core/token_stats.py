@@ -38,7 +38,7 @@ def _slice_stats(
     labels: Tensor,  # (B, S)
     ref_hidden: Tensor | None,  # (B, S, D), no grad
     head: Head,
-    ref_head: Head | None,
+    ref_head: Head,  # used only with ref_hidden
     want_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, S, V) fp32
@@ -70,17 +70,16 @@ def token_stats(
     """Log-probs of ``labels`` (and optionally entropy and KL to a reference), ``slice_size`` positions at a time."""
     if slice_size <= 0:
         raise ValueError(f"slice_size must be > 0, got {slice_size}")
-    if ref_hidden is not None and ref_head is None:
-        ref_head = head
+    ref_fn = head if ref_head is None else ref_head  # the reference shares the student's head unless given
     T = labels.shape[1]
     toks, ents, kls = [], [], []
     for s in range(0, T, slice_size):
         e = min(T, s + slice_size)
         args = (hidden[:, s:e], labels[:, s:e], None if ref_hidden is None else ref_hidden[:, s:e])
         if use_checkpoint and torch.is_grad_enabled() and hidden.requires_grad:
-            out = checkpoint(_slice_stats, *args, head, ref_head, want_entropy, use_reentrant=False)
+            out = checkpoint(_slice_stats, *args, head, ref_fn, want_entropy, use_reentrant=False)
         else:
-            out = _slice_stats(*args, head, ref_head, want_entropy)
+            out = _slice_stats(*args, head, ref_fn, want_entropy)
         toks.append(out[0])
         ents.append(out[1])
         kls.append(out[2])

@@ -117,7 +117,7 @@ def run_asserts(payload, candidate):
     namespace[payload["entry_point"]] = candidate
     tests, first_failure, passed = payload["tests"], None, 0
     for index, code in enumerate(tests):
-        failure = None
+        failure: dict[str, object] | None = None
         try:
             exec(compiled(code, "<test-%d>" % index), namespace)
         except CandidateRaised as exc:
@@ -283,7 +283,7 @@ def _reference_rows(payload, splits, wire, channel):
     if payload.get("expected") is not None:
         return {split: [(form, wire.decode(v) if form == "value" else v, limit, call_limit)
                         for form, v, limit, call_limit in payload["expected"][split]] for split, _ in splits}
-    namespace = {"__name__": "__reference__"}
+    namespace: dict = {"__name__": "__reference__"}  # the reference's globals, whatever it defines
     exec(compile(payload["reference"], "<reference>", "exec"), namespace)
     reference = namespace[entry]
     expected, cacheable = {}, {}

@@ -102,12 +102,12 @@ def _last_boxed(text: str) -> str | None:
 
 def _numbers(s: str) -> list[tuple[int, int, str]]:
     """(start, end, value) of each number in ``s``, left to right, values normalised (see module doc)."""
-    out = []
+    out: list[tuple[int, int, str]] = []
     for m in _NUMBER.finditer(s):
         sign = m["sign"] or ""
         if m["whole"] and int(m["num"]) < int(m["den"]):
-            value = Fraction(int(m["whole"]) * int(m["den"]) + int(m["num"]), int(m["den"]))
-            out.append((m.start(), m.end(), sign + str(value)))
+            mixed = Fraction(int(m["whole"]) * int(m["den"]) + int(m["num"]), int(m["den"]))
+            out.append((m.start(), m.end(), sign + str(mixed)))
         elif m["whole"]:  # "2 4/2" is not a mixed number: a number, then a fraction
             out.append((m.start(), m.start("num"), sign + m["whole"]))
             out.append((m.start("num"), m.end(), f"{m['num']}/{m['den']}"))

@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
@@ -33,6 +33,9 @@ from omniopd.prompts import CODE_INSTRUCTION, student_messages
 from omniopd.rollout import chat_prompts, generate_texts
 from omniopd.stats import mean_ci
 
+if TYPE_CHECKING:
+    from omniopd.evaluation.code import CodeTask
+
 CODE_BENCHMARKS = ("humaneval", "mbppplus")
 
 
@@ -42,7 +45,7 @@ class Problem:
     question: str  # what the model is asked (before the instruction)
     instruction: str | None  # None: the math answer format
     gold: str | None = None  # math: the final answer
-    task: object | None = None  # code: the CodeTask
+    task: CodeTask | None = None  # code: the task (every code problem has one)
 
 
 @dataclass
@@ -153,7 +156,10 @@ def evaluate(
     if is_code:
         from omniopd.evaluation.code import grade_many
 
-        pairs = [(p.task, s.text) for p, ss in zip(problems, samples, strict=True) for s in ss]
+        pairs: list[tuple[CodeTask | str, str]] = []
+        for p, ss in zip(problems, samples, strict=True):
+            assert p.task is not None  # load_problems gives every code problem its task
+            pairs += [(p.task, s.text) for s in ss]
         grades = iter(grade_many(benchmark.lower(), pairs, max_workers=grade_workers,
                                  insecure_no_isolation=insecure_no_isolation))
         for p, ss in zip(problems, samples, strict=True):

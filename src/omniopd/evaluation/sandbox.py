@@ -225,7 +225,7 @@ def runtime_view() -> tuple[tuple[str, ...], tuple[str, ...]]:
     dynload = {os.path.realpath(os.path.join(d, "lib-dynload")) for d in stdlib}
     paths += sorted(stdlib | {d for d in dynload if os.path.isdir(d)})
     paths += [d for d in _SYSTEM_LIB_DIRS if os.path.lexists(d)]
-    hide = set()
+    hide: set[str] = set()
     for base in list(stdlib) + [d for d in _SYSTEM_LIB_DIRS if os.path.isdir(d) and not os.path.islink(d)]:
         for pattern in ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages",
                         "python3/dist-packages"):
@@ -420,9 +420,12 @@ class SandboxProcess:
             "payload": self.payload,
             "channel": child_fds or None,
         }
-        unshare = _unshare() if use_ns else None
         cfg["boot"] = program_text("sandbox_boot.py")
-        argv = ([unshare, *_NAMESPACE_FLAGS, "--"] if use_ns else []) + [_interpreter(), "-I", "-S", "-B", "-c", STUB]
+        argv = [_interpreter(), "-I", "-S", "-B", "-c", STUB]
+        if use_ns:
+            unshare = _unshare()
+            assert unshare is not None  # isolation_available() found it
+            argv = [unshare, *_NAMESPACE_FLAGS, "--", *argv]
         self._start = time.monotonic()
         try:
             with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:

@@ -55,14 +55,14 @@ def _libc():
             err = ctypes.get_errno()
             raise OSError(err, "%s: %s" % (what, os.strerror(err)))
 
-    return ctypes, libc, check
+    return libc, check
 
 
 def _build_root(cfg):
     """Steps 1: the new root (see the module docstring). Runs as root in a private mount namespace."""
     import platform
 
-    ctypes, libc, check = _libc()
+    libc, check = _libc()
 
     def mount(src, dst, fstype, flags, data=None):
         enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
@@ -132,7 +132,9 @@ def _set_limits(cfg, note):
 
 def _drop_privileges(uid):
     """Step 3: no capability in any set, a dedicated uid, no_new_privs; verified afterwards."""
-    ctypes, libc, check = _libc()
+    import ctypes
+
+    libc, check = _libc()
     with open("/proc/sys/kernel/cap_last_cap") as fh:
         last_cap = int(fh.read())
     for cap in range(last_cap + 1):
@@ -290,13 +292,13 @@ def _install_guards(root, block_socket):
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, fn)
-    subprocess.Popen = refused("subprocess.Popen")
+    setattr(subprocess, "Popen", refused("subprocess.Popen"))
     _posixsubprocess.fork_exec = refused("subprocess")
     blocked = ["ctypes", "_ctypes"]
     if block_socket:
         blocked += ["socket", "_socket", "ssl", "_ssl"]
     for name in blocked:
-        sys.modules[name] = None
+        sys.modules[name] = None  # type: ignore[assignment]  # None makes the import fail; typeshed omits it
 
 
 def _install_modules(cfg):
@@ -309,9 +311,8 @@ def _install_modules(cfg):
         sys.modules[name] = module
         exec(compile(source, module.__file__, "exec"), module.__dict__)
     info = types.ModuleType("omniopd_sandbox")
-    info.payload = cfg.get("payload")
-    info.channel = tuple(cfg["channel"]) if cfg.get("channel") else None
-    info.workdir = cfg["workdir"]
+    vars(info).update(payload=cfg.get("payload"), channel=tuple(cfg["channel"]) if cfg.get("channel") else None,
+                      workdir=cfg["workdir"])
     sys.modules["omniopd_sandbox"] = info
 
 

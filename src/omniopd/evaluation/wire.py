@@ -30,8 +30,8 @@ MAX_DEPTH = 100  # nesting limit of an encoded value
 MAX_MESSAGE_BYTES = 1 << 30  # a larger frame is a protocol error
 _SAFE_INT = 1 << 53  # larger integers travel as hex text (no digit limit, exact)
 # builtin types that travel by name (a test may pass ``int`` as an argument, as MBPP's remove_datatype does)
-_TYPES = {t.__name__: t for t in (int, float, complex, str, bytes, bytearray, bool, list, tuple, dict, set,
-                                   frozenset, type(None))}
+_TYPES: dict[str, type] = {t.__name__: t for t in (int, float, complex, str, bytes, bytearray, bool, list, tuple,
+                                                   dict, set, frozenset, type(None))}
 
 
 class Unsupported(TypeError):
@@ -52,8 +52,8 @@ def encode(value, depth: int = 0):
         number = int.__int__(value)
         return number if -_SAFE_INT < number < _SAFE_INT else {"int": format(number, "x")}
     if isinstance(value, float):
-        number = float.__float__(value)
-        return number if math.isfinite(number) else {"float": repr(number)}
+        real = float.__float__(value)
+        return real if math.isfinite(real) else {"float": repr(real)}
     if isinstance(value, str):
         return str.__str__(value)
     d = depth + 1

@@ -7,7 +7,10 @@ The loop is the same for every method (``trainer.train_step``)::
 
 and every slot of a :class:`Method` is filled explicitly by each method (``omniopd``, ``sft``, ``opd``,
 ``grpo``; the registry is ``omniopd.methods.METHODS``), so neither the trainer nor ``omniopd compare``
-tests a method's name.
+tests a method's name. The step's pipeline (``TrainState.pipeline``, ``omniopd.pipeline``) calls the
+``sample`` and ``audit`` slots: one after the other (the default), or with ``pipeline.mode: one_step`` the
+audit in a worker thread beside the next step's ``sample``; a method's ``teacher_role`` and ``on_policy``
+say whether it can be pipelined (an on-policy method with a text teacher: OmniOPD).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
 from omniopd.data import Example, PromptStream
 from omniopd.errors import TeacherError
+from omniopd.pipeline import OnPolicy
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
 from omniopd.teachers.base import Teacher
@@ -53,6 +57,7 @@ class TrainState:
     totals: dict[str, float] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)
     last_checkpoint: int | None = None  # the step of the newest checkpoint (every rank keeps the same)
+    pipeline: OnPolicy = field(default_factory=OnPolicy)  # how a step's batch is sampled and audited (pipeline.mode)
 
 
 @dataclass
@@ -79,7 +84,8 @@ class Method:
 
     name: str
     sample: SampleFn  # the step's training sequences (on-policy: the student's own samples)
-    audit: AuditFn  # the learning signal of those sequences (metrics, audit records, targets)
+    audit: AuditFn  # the learning signal of those sequences (metrics, audit records, targets); pipelined
+    # (pipeline.mode: one_step), it runs in a worker thread on a snapshot of the state while the next batch is sampled
     backward: BackwardFn  # loss and backward over micro-batches -> loss metrics
     prepare: PrepareFn  # at setup, after the teacher is built: checks and one-off work
     teacher_role: Callable[[RunConfig], TeacherRole | None]  # None: no teacher is built

@@ -8,6 +8,8 @@ p_theta (ratio 1). ``grpo.kl_coef`` adds the exact KL(p_theta || p_ref). No teac
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from omniopd.alignment import SequenceBatch, response_hidden
@@ -65,7 +67,8 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     from omniopd.evaluation.sandbox import parallel_map
 
     G, cfg = state.cfg.rollout.samples_per_prompt, state.cfg
-    texts = [state.tokenizer.decode(r, skip_special_tokens=True) for r in response_ids(rollouts)]
+    # one sequence decodes to one str (transformers types decode's result for a batch as well)
+    texts = [cast(str, state.tokenizer.decode(r, skip_special_tokens=True)) for r in response_ids(rollouts)]
     pairs = list(zip(rollouts.example_index, texts, strict=True))
 
     def reward(pair: tuple[int, str]) -> float:
@@ -106,9 +109,11 @@ def _logprobs_and_ref_kl(state: TrainState, sub: SequenceBatch, want_kl: bool):
 def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
     """PPO-clipped group-relative surrogate (+ kl_coef * KL(p_theta || p_ref)), micro-batched, / #sequences."""
     cfg, device = state.cfg, state.accelerator.device
+    advantages = signal.advantages
+    assert advantages is not None  # set by audit
     B = batch.response_ids.shape[0]
     want_kl = cfg.grpo.kl_coef > 0
-    if not want_kl and not bool(signal.advantages.abs().gt(0).any()) and state.accelerator.num_processes == 1:
+    if not want_kl and not bool(advantages.abs().gt(0).any()) and state.accelerator.num_processes == 1:
         # every group is flat (all right or all wrong): the loss is exactly 0 and so is its gradient (with
         # several processes every rank runs the backward, since the gradient all-reduce is collective)
         return {"loss/total": 0.0, "loss/grpo": 0.0, "grpo/skipped_flat_batch": 1.0}
@@ -117,7 +122,7 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
         logprobs, ref_kl = in_forward(state.model, _logprobs_and_ref_kl, state, sub, want_kl)
         out = grpo_loss(
             GRPOInputs(student_logprobs=logprobs, old_logprobs=logprobs.detach(),  # one update per batch
-                       advantages=signal.advantages[idx].to(device), response_mask=sub.response_mask, ref_kl=ref_kl),
+                       advantages=advantages[idx].to(device), response_mask=sub.response_mask, ref_kl=ref_kl),
             normalizer=float(B), clip_eps=cfg.grpo.clip_eps, kl_coef=cfg.grpo.kl_coef,
         )
         state.accelerator.backward(out.loss)

@@ -1,7 +1,10 @@
 """The paper's method, OmniOPD (ALGORITHM.md): on-policy student samples; the audit picks the
 highest-entropy chunks, asks the text-only teacher for N continuations of the prefix before each, and
 turns their agreement with the student's chunk (phi) into a smoothed target weight; the loss is the
-weighted chunk log-likelihood plus an exact KL anchor to the reference model on the other tokens."""
+weighted chunk log-likelihood plus an exact KL anchor to the reference model on the other tokens.
+
+Its audit can be pipelined (``pipeline.mode: one_step``, ``omniopd.pipeline``; a departure it names): with an
+API teacher the audit of step t then runs in a worker thread while step t+1's rollouts are sampled."""
 
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ def departures(cfg: RunConfig) -> list[str]:
         out.append("no prior α=0 (ablation)")
     if cfg.audit.anchors != "peak_entropy":
         out.append(f"anchors={cfg.audit.anchors} (ablation)")
+    if cfg.pipeline.mode == "one_step":
+        out.append("one-step-off-policy pipeline, rollouts up to 1 step stale (departure)")
     return out + sampling_departures(cfg)
 
 

@@ -25,6 +25,7 @@ from omniopd.errors import ConfigError
 from omniopd.methods.base import (
     Method,
     StepSignal,
+    TeacherRole,
     TrainState,
     micro_batches,
     nothing_to_accumulate,
@@ -117,18 +118,24 @@ def _opd_terms(cfg: RunConfig, model, teacher_model, sub: SequenceBatch, tsub: S
 
 def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
     """Reverse KL(student || teacher) on the student's own tokens, micro-batched, / #sequences."""
+    from omniopd.teachers.local import LocalTeacher
+
     cfg, device = state.cfg, state.accelerator.device
-    teacher_model = state.teacher.model
+    assert isinstance(state.teacher, LocalTeacher)  # prepare (check_white_box_teacher) refuses any other
+    assert signal.teacher_batch is not None  # set by audit
+    teacher_model, teacher_batch = state.teacher.model, signal.teacher_batch
     B = batch.response_ids.shape[0]
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx, sub in micro_batches(state, batch):
-        tsub = signal.teacher_batch.select(idx).to(device)
+        tsub = teacher_batch.select(idx).to(device)
         same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(tsub.response_mask, sub.response_mask)
         if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
             raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
         terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub)
         if cfg.opd.estimator == "sampled":
-            out = opd_sampled_loss(OPDSampledInputs(*terms, sub.response_mask), normalizer=float(B))
+            logp, t_logp = terms
+            inputs = OPDSampledInputs(student_logprobs=logp, teacher_logprobs=t_logp, response_mask=sub.response_mask)
+            out = opd_sampled_loss(inputs, normalizer=float(B))
         else:
             out = opd_full_loss(OPDFullInputs(reverse_kl=terms[0], response_mask=sub.response_mask), normalizer=float(B))
         state.accelerator.backward(out.loss)
@@ -138,7 +145,7 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     return {"loss/total": loss_sum, "loss/opd": loss_sum, "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0)}
 
 
-def _logits_teacher(cfg: RunConfig) -> str:
+def _logits_teacher(cfg: RunConfig) -> TeacherRole:
     return "logits"
 
 

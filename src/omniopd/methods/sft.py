@@ -25,6 +25,7 @@ from omniopd.measures import clean_reference
 from omniopd.methods.base import (
     Method,
     StepSignal,
+    TeacherRole,
     TrainState,
     always_applicable,
     micro_batches,
@@ -120,7 +121,8 @@ def prepare(state: TrainState) -> None:
         no_ref = [ex.id for ex in examples if not ex.reference]
         if no_ref:
             raise DataError(f"sft.source=reference needs reference solutions; {cfg.data.train} has none for {no_ref[0]} ({len(no_ref)} prompts)")
-        targets = {_example_key(ex): SFTTarget(clean_reference(ex.reference), True) for ex in examples}
+        # every example has a reference (checked above)
+        targets = {_example_key(ex): SFTTarget(clean_reference(ex.reference), True) for ex in examples if ex.reference}
     else:
         targets = teacher_solutions(cfg, state.teacher, examples)
     state.extras["sft_targets"] = targets
@@ -174,7 +176,7 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     return {"loss/total": loss_sum, "loss/sft": loss_sum, "sft/nll_per_token": nll_sum / max(n_tok, 1.0), "sft/target_tokens": n_tok}
 
 
-def teacher_role(cfg: RunConfig) -> str | None:
+def teacher_role(cfg: RunConfig) -> TeacherRole | None:
     return "solutions" if cfg.sft.source == "teacher" else None
 
 

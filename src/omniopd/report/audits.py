@@ -35,6 +35,10 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _int_or(value: Any, default: int) -> int:
     f = _finite(value)
     return int(f) if f is not None else default
@@ -85,12 +89,12 @@ def _segments(response: str, spans: list[tuple[int, int, int]]) -> tuple[list[li
 
 def _prepare_record(rec: dict) -> dict:
     response = _text(rec.get("response"))
-    raw_chunks = rec.get("chunks") if isinstance(rec.get("chunks"), list) else []
+    raw_chunks = _list(rec.get("chunks"))
     chunks: list[dict] = []
     spans: list[tuple[int, int, int]] = []
     for i, ch in enumerate(c for c in raw_chunks if isinstance(c, dict)):
-        conts = ch.get("continuations") if isinstance(ch.get("continuations"), list) else []
-        phis = ch.get("phi_scores") if isinstance(ch.get("phi_scores"), list) else []
+        conts = _list(ch.get("continuations"))
+        phis = _list(ch.get("phi_scores"))
         span = _locate(response, ch)
         if span is not None:
             spans.append((span[0], span[1], i))

@@ -1,0 +1,180 @@
+"""Seconds per step with and without the one-step-off-policy pipeline, against an API teacher with latency.
+
+    python benchmarks/pipeline.py --output pipeline.json [--steps 4] [--latencies 0.5 2.0] [--quick] [key=value ...]
+
+For each injected latency (seconds per request) the same short OmniOPD run is trained twice, once with
+``pipeline.mode=off`` (on-policy: sample, then wait for the audit) and once with ``pipeline.mode=one_step``
+(the audit of step t in a worker thread while step t+1 is sampled, ``omniopd.pipeline``). The student is
+the real SmolLM2-135M-Instruct at small shapes; the teacher is ``openai-completions`` pointed at the local
+fake provider (``omniopd.testing.fake_providers``), which answers every request after ``latency_s``. The
+server runs in a child process, so its request handling does not share the trainer's GIL, as a remote API
+would not. The teacher keeps 32 requests in flight (``max_concurrency=32``, adaptive concurrency off) and
+no response cache (every request is sent).
+
+Written for each run: every step's seconds (``time/step_s``), the logged staleness, the sampling seconds,
+the audit's wall seconds, the seconds the student waited for the teacher and the audit seconds that ran
+beside sampling; and per latency the median step seconds of both modes, over all steps and over the steps
+after the first (the pipeline's first step samples its own batch before it can overlap anything, and its
+last step has no next batch to sample: both are in the medians of all steps). ``--quick`` runs 2 steps at
+tiny shapes (a check that the script runs, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_KEY_ENV = "OMNIOPD_BENCH_UNSET_KEY"
+SHAPES = [
+    "optim.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=48", "rollout.batch_size=8",
+    "audit.chunk_tokens=8", "audit.num_chunks=2", "audit.teacher_samples=4", "optim.micro_batch_size=8",
+]
+QUICK_SHAPES = [
+    "optim.prompts_per_step=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16", "audit.chunk_tokens=4",
+    "audit.num_chunks=2", "audit.teacher_samples=2",
+]
+PER_STEP = {
+    "step_s": "time/step_s", "staleness": "pipeline/staleness", "rollout_s": "time/rollout_s",
+    "audit_s": "time/audit_s", "teacher_s": "time/teacher_s", "teacher_wait_s": "time/teacher_wait_s",
+    "overlap_s": "time/overlap_s", "loss_backward_s": "time/loss_backward_s", "teacher_requests": "teacher/requests",
+}
+
+
+class ServerProcess:
+    """The fake provider with ``latency_s`` in a child process (``with`` it: ``.url`` is its address)."""
+
+    def __init__(self, latency_s: float) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, latency_s), daemon=True)
+
+    def __enter__(self) -> ServerProcess:
+        self._proc.start()
+        self.url = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send("stop")
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=10)
+
+
+def _serve(conn: Any, latency_s: float) -> None:
+    from omniopd.testing.fake_providers import FakeProviderServer
+
+    with FakeProviderServer(latency_s=latency_s) as server:
+        conn.send(server.url)
+        while conn.recv() != "stop":
+            pass
+
+
+def _per_step(row: dict) -> dict:
+    out = {name: row.get(key, 0.0) for name, key in PER_STEP.items()}
+    out["staleness"] = row.get("pipeline/staleness")  # None: the on-policy run logs none (it is 0)
+    out["sampled_tokens"] = row["rollout/mean_length"] * row["rollout/trajectories"]
+    return out
+
+
+def run(mode: str, latency_s: float, steps: int, overrides: list[str], out_dir: Path) -> dict:
+    from omniopd.config import build_config
+    from omniopd.trainer import setup, train_step
+
+    with ServerProcess(latency_s) as server:
+        cfg = build_config({
+            "output_dir": str(out_dir / f"{mode}-{latency_s:g}"), "max_steps": steps, "seed": 0,
+            "student": {"name": "smollm2-135m-instruct"},
+            "teacher": {"type": "openai-completions", "model": "fake-teacher", "base_url": server.url + "/v1",
+                        "api_key_env": NO_KEY_ENV, "cache": False, "max_concurrency": 32,
+                        "adaptive_concurrency": False, "timeout_s": 60.0 + 4 * latency_s},
+            "eval": {"before": False, "after": False},
+            "pipeline": {"mode": mode},
+        }, overrides)
+        t0 = time.perf_counter()
+        state = setup(cfg, overwrite=True)
+        setup_s = time.perf_counter() - t0
+        try:
+            rows = [train_step(state) for _ in range(steps)]
+        finally:
+            state.pipeline.close()
+            state.teacher.close()
+    per_step = [_per_step(r) for r in rows]
+    step_s = [r["step_s"] for r in per_step]
+    return {
+        "pipeline": mode, "latency_s": latency_s, "steps": steps, "setup_s": setup_s,
+        "step_s_median": statistics.median(step_s),
+        "step_s_median_after_first": statistics.median(step_s[1:]) if steps > 1 else None,
+        "staleness": [r["staleness"] for r in per_step],
+        "teacher_wait_s_median": statistics.median(r["teacher_wait_s"] for r in per_step) if mode != "off" else None,
+        "per_step": per_step,
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--latencies", type=float, nargs="+", default=[0.5, 2.0])
+    ap.add_argument("--quick", action="store_true", help="2 steps at tiny shapes: checks that the script runs")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.quick:
+        args.steps = min(args.steps, 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop(NO_KEY_ENV, None)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for latency in args.latencies:
+            for mode in ("off", "one_step"):
+                runs.append(run(mode, latency, args.steps, [*shapes, *args.overrides], Path(tmp)))
+                print(json.dumps({k: runs[-1][k] for k in ("pipeline", "latency_s", "step_s_median",
+                                                              "step_s_median_after_first", "staleness")}), flush=True)
+    table = []
+    for latency in args.latencies:
+        off, on = (next(r for r in runs if r["latency_s"] == latency and r["pipeline"] == m) for m in ("off", "one_step"))
+        table.append({
+            "latency_s": latency,
+            "off_step_s": off["step_s_median"], "one_step_step_s": on["step_s_median"],
+            "off_step_s_after_first": off["step_s_median_after_first"],
+            "one_step_step_s_after_first": on["step_s_median_after_first"],
+            "speedup_after_first": (off["step_s_median_after_first"] / on["step_s_median_after_first"]
+                                    if args.steps > 1 else None),
+            "one_step_staleness": on["staleness"], "one_step_teacher_wait_s_median": on["teacher_wait_s_median"],
+        })
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick, "steps": args.steps, "overrides": [*shapes, *args.overrides],
+        "teacher": {"type": "openai-completions (fake provider, child process)", "max_concurrency": 32,
+                    "adaptive_concurrency": False, "response_cache": False},
+        "table": table, "runs": runs, "machine": machine(),
+    }
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
