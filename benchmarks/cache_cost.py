@@ -138,9 +138,9 @@ def trajectory_pattern(cfg, model, tok, batches, min_tokens: int, latency_s: flo
                 teacher.continue_prefixes(mine, spec)
             rows = []
             for rec in fake.requests:
-                prefill = rec.body["messages"][-1]
-                text = prefill["content"] if isinstance(prefill["content"], str) else "".join(
-                    b["text"] for b in prefill["content"])
+                last = rec.body["messages"][-1]  # the prefill, or the task when the prefix is empty
+                content = last["content"] if last["role"] == "assistant" else ""
+                text = content if isinstance(content, str) else "".join(b["text"] for b in content)
                 chunk = next((j for j, r in enumerate(mine) if r.prefix.rstrip() == text), None)
                 u = rec.usage
                 rows.append({"chunk": chunk, "prompt": u.prompt_tokens, "read": u.cached_tokens,
@@ -293,21 +293,31 @@ def main(argv: list[str] | None = None) -> int:
         "adaptive_n_saves": [adaptive_saving(n, c) for n in (4, 10) for c in (False, True)],
         "table_markdown": table(measured),
     }
-    report["trajectory_pattern"] = trajectory_pattern(cfg, model, tok, batches, args.min_tokens, args.latency)
-    report["estimate_replay_vs_measured"] = replay_check(cfg, model, tok, batches, measured, args.min_tokens)
-    del model
-    if args.train_steps:
-        report["estimate_vs_training_run"] = train_check(cfg, args.train_steps, args.min_tokens, args.latency)
+    Path(args.output).write_text(json.dumps(report, indent=2, default=str))
+    out = Path(args.output)
+
+    def phase(name: str, run) -> None:
+        """One more part of the report, written as soon as it is measured; a part that fails is recorded."""
+        try:
+            report[name] = run()
+        except Exception as err:  # noqa: BLE001 - the other parts stand on their own
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"{name}: {report[name]['error']}", flush=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+
+    phase("trajectory_pattern", lambda: trajectory_pattern(cfg, model, tok, batches, args.min_tokens, args.latency))
+    phase("estimate_replay_vs_measured", lambda: replay_check(cfg, model, tok, batches, measured, args.min_tokens))
     from omniopd.config import load_config as _load
 
     anthropic = ["teacher.type=anthropic", f"teacher.model={HAIKU}"]
-    report["estimates"] = {
-        "recipe_haiku": estimate(_load(args.recipe, overrides + anthropic)),
+    sonnet = ["teacher.type=anthropic", "teacher.model=claude-sonnet-4-5"]
+    phase("estimates", lambda: {
         "paper_haiku": estimate(_load(args.recipe, overrides + anthropic), paper=True),
-        "paper_sonnet": estimate(_load(args.recipe, overrides + ["teacher.type=anthropic",
-                                                                 "teacher.model=claude-sonnet-4-5"]), paper=True),
-    }
-    Path(args.output).write_text(json.dumps(report, indent=2, default=str))
+        "paper_sonnet": estimate(_load(args.recipe, overrides + sonnet), paper=True),
+        "recipe_haiku": estimate(_load(args.recipe, overrides + anthropic)),
+    })
+    if args.train_steps:
+        phase("estimate_vs_training_run", lambda: train_check(cfg, args.train_steps, args.min_tokens, args.latency))
     print(report["table_markdown"])
     print(json.dumps({k: report[k] for k in ("caching_saves", "adaptive_n_saves")}, indent=1))
     return 0

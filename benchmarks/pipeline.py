@@ -12,11 +12,13 @@ would not. The teacher keeps 32 requests in flight (``max_concurrency=32``, adap
 no response cache (every request is sent).
 
 Written for each run: every step's seconds (``time/step_s``), the logged staleness, the sampling seconds,
-the audit's wall seconds, the seconds the student waited for the teacher and the audit seconds that ran
-beside sampling; and per latency the median step seconds of both modes, over all steps and over the steps
-after the first (the pipeline's first step samples its own batch before it can overlap anything, and its
-last step has no next batch to sample: both are in the medians of all steps). ``--quick`` runs 2 steps at
-tiny shapes (a check that the script runs, not a measurement).
+the audit's wall seconds, the seconds the student waited for the teacher (``student_wait_s``: on-policy, the
+teacher's and phi's seconds, ``time/teacher_s + time/phi_s``; pipelined, ``time/teacher_wait_s``) and the audit
+seconds that ran beside sampling. The figure to compare is the mean step seconds, the run's total over its
+steps: the pipeline moves work between steps (its first step samples two batches, its last none), so a single
+step's seconds, or a median of them, are not comparable across modes. The first step is included (nothing is
+warmed up separately). ``--quick`` runs 2 steps at tiny shapes (a check that the script runs, not a
+measurement).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def _serve(conn: Any, latency_s: float) -> None:
 def _per_step(row: dict) -> dict:
     out = {name: row.get(key, 0.0) for name, key in PER_STEP.items()}
     out["staleness"] = row.get("pipeline/staleness")  # None: the on-policy run logs none (it is 0)
+    out["student_wait_s"] = (row["time/teacher_wait_s"] if "time/teacher_wait_s" in row
+                             else row.get("time/teacher_s", 0.0) + row.get("time/phi_s", 0.0))
     out["sampled_tokens"] = row["rollout/mean_length"] * row["rollout/trajectories"]
     return out
 
@@ -110,13 +114,14 @@ def run(mode: str, latency_s: float, steps: int, overrides: list[str], out_dir: 
             state.pipeline.close()
             state.teacher.close()
     per_step = [_per_step(r) for r in rows]
-    step_s = [r["step_s"] for r in per_step]
     return {
         "pipeline": mode, "latency_s": latency_s, "steps": steps, "setup_s": setup_s,
-        "step_s_median": statistics.median(step_s),
-        "step_s_median_after_first": statistics.median(step_s[1:]) if steps > 1 else None,
+        "total_s": sum(r["step_s"] for r in per_step),
+        "step_s_mean": statistics.fmean(r["step_s"] for r in per_step),
+        "student_wait_s_total": sum(r["student_wait_s"] for r in per_step),
+        "overlap_s_total": sum(r["overlap_s"] for r in per_step),
+        "rollout_s_total": sum(r["rollout_s"] for r in per_step),
         "staleness": [r["staleness"] for r in per_step],
-        "teacher_wait_s_median": statistics.median(r["teacher_wait_s"] for r in per_step) if mode != "off" else None,
         "per_step": per_step,
     }
 
@@ -151,19 +156,19 @@ def main() -> None:
         for latency in args.latencies:
             for mode in ("off", "one_step"):
                 runs.append(run(mode, latency, args.steps, [*shapes, *args.overrides], Path(tmp)))
-                print(json.dumps({k: runs[-1][k] for k in ("pipeline", "latency_s", "step_s_median",
-                                                              "step_s_median_after_first", "staleness")}), flush=True)
+                print(json.dumps({k: runs[-1][k] for k in ("pipeline", "latency_s", "step_s_mean", "student_wait_s_total",
+                                                              "staleness")}), flush=True)
     table = []
     for latency in args.latencies:
         off, on = (next(r for r in runs if r["latency_s"] == latency and r["pipeline"] == m) for m in ("off", "one_step"))
         table.append({
-            "latency_s": latency,
-            "off_step_s": off["step_s_median"], "one_step_step_s": on["step_s_median"],
-            "off_step_s_after_first": off["step_s_median_after_first"],
-            "one_step_step_s_after_first": on["step_s_median_after_first"],
-            "speedup_after_first": (off["step_s_median_after_first"] / on["step_s_median_after_first"]
-                                    if args.steps > 1 else None),
-            "one_step_staleness": on["staleness"], "one_step_teacher_wait_s_median": on["teacher_wait_s_median"],
+            "latency_s": latency, "steps": args.steps,
+            "off_step_s_mean": off["step_s_mean"], "one_step_step_s_mean": on["step_s_mean"],
+            "ratio_one_step_to_off": on["step_s_mean"] / off["step_s_mean"],
+            "off_student_wait_s_per_step": [r["student_wait_s"] for r in off["per_step"]],
+            "one_step_student_wait_s_per_step": [r["student_wait_s"] for r in on["per_step"]],
+            "one_step_overlap_s_per_step": [r["overlap_s"] for r in on["per_step"]],
+            "one_step_staleness": on["staleness"],
         })
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -197,7 +197,9 @@ def test_off_is_todays_step(run_files, tmp_path):
 
 def test_one_step_trains_on_the_batch_sampled_before_the_last_update(run_files, tmp_path, fake, monkeypatch):
     runs = {}
-    for mode in ("off", "one_step"):  # off first: it fills the response cache the pipelined run reads
+    # the pipelined run first: its requests wait for the fake's latency (the on-policy run then reads step 1's
+    # continuations from the response cache)
+    for mode in ("one_step", "off"):
         rec = _Recorder()
         monkeypatch.setitem(METHODS, "omniopd", rec.method())
         train(_cfg(run_files, tmp_path, fake, mode, mode, max_steps=3), progress=False)
@@ -227,6 +229,23 @@ def test_one_step_trains_on_the_batch_sampled_before_the_last_update(run_files, 
     # the first step trains on the same batch, with the same weights and audit, as on-policy
     assert _compared(rows[0]).items() - {("pipeline/staleness", 0.0)} == _compared(off_rows[0]).items()
     assert rows[1]["loss/total"] != off_rows[1]["loss/total"]
+
+
+def test_token_stats_the_rollout_cannot_record_come_from_the_sampling_weights(run_files, tmp_path, fake):
+    """A checkpoint whose generation config adds its own logits processor: the rollout records no entropy, and the
+    pipeline computes it right after sampling (with the weights that sampled), not in the audit after the update."""
+    from transformers import GenerationConfig
+
+    model_dir, _ = run_files
+    GenerationConfig(repetition_penalty=1.3, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(model_dir)
+    rows = {}
+    for mode in ("one_step", "off"):
+        train(_cfg(run_files, tmp_path, fake, mode, mode), progress=False)
+        rows[mode] = _rows(tmp_path / mode)
+    assert [r["audit/entropy_from_rollout"] for r in rows["one_step"]] == [0.0, 0.0]
+    assert all(r["time/entropy_forward_s"] > 0.0 for r in rows["one_step"])
+    # step 1: the same batch and weights, so the same entropies, anchors and targets as the on-policy audit's forward
+    assert _compared(rows["one_step"][0]).items() - {("pipeline/staleness", 0.0)} == _compared(rows["off"][0]).items()
 
 
 def test_interrupted_and_resumed_ends_where_the_uninterrupted_run_does(run_files, tmp_path, fake, monkeypatch):

@@ -161,6 +161,7 @@ def _cmd_eval(args) -> int:
 
         check_isolation(args.insecure_no_isolation)  # before loading a model and generating
     teacher = None
+    generator: TeacherGenerator | HFGenerator
     if args.api:
         from omniopd.config import build_config
         from omniopd.teachers import build_teacher

@@ -36,7 +36,7 @@ from typing import Any
 
 from omniopd.config import RunConfig
 from omniopd.errors import ConfigError
-from omniopd.teacher_config import API_TEACHER_TYPES
+from omniopd.teacher_config import API_TEACHER_TYPES, APITeacherConfig
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.prices import PROVIDER_OF_BACKEND, min_cache_tokens, resolve_prices
 from omniopd.teachers.prompt_cache import (
@@ -237,6 +237,7 @@ def _api_teacher(cfg: RunConfig, prompt_cache: bool):
     """The recipe's API backend, built without credentials (it sends nothing)."""
     from omniopd.teachers import build_teacher
 
+    assert isinstance(cfg.teacher, APITeacherConfig)  # called for API teachers only
     url = cfg.teacher.base_url or "http://estimate.invalid"  # a custom URL needs no key; nothing is contacted
     teacher_cfg = cfg.teacher.model_copy(update={"base_url": url, "cache": False, "prompt_cache": prompt_cache})
     return build_teacher(cfg.model_copy(update={"teacher": teacher_cfg}))

@@ -113,9 +113,12 @@ def sample_batch(state: TrainState, method: Method, token_stats: bool = False) -
     if token_stats and (rollouts.entropy is None or rollouts.logprobs is None):
         from omniopd.audit import student_token_stats
 
+        t1 = time.perf_counter()
         rollouts.entropy, rollouts.logprobs = student_token_stats(
             acc.unwrap_model(state.model), rollouts.batch, state.cfg.optim.micro_batch_size, state.cfg.loss.slice_size
         )
+        # logged with the audit's metrics (which these entries override): a second forward, not the rollout's own
+        rollouts.metrics.update({"audit/entropy_from_rollout": 0.0, "time/entropy_forward_s": time.perf_counter() - t1})
     _wait_for_device(acc.device)
     seconds = time.perf_counter() - t0
     return SampledBatch(examples, rollouts, state.step, stream_state, seconds, {"time/rollout_s": seconds})

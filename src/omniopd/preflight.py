@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from statistics import mean
+from typing import Any
 
 from omniopd.alignment import cut_to_tokens
 from omniopd.config import RunConfig
@@ -52,7 +53,8 @@ def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples:
         reason = getattr(teacher, "unusable_reason", lambda: None)()  # API teachers: unreachable, rejected
         if reason:
             raise TeacherError(reason)
-    rows, warnings = [], []
+    rows: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for ex, req, res in zip(chosen, requests, results, strict=True):
         if not res.ok or len(res.texts) != N:
             rows.append({"example_id": ex.id, "error": res.error or f"{len(res.texts)} of {N} continuations"})

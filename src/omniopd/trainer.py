@@ -286,12 +286,13 @@ def optimizer_phase(state: TrainState) -> dict[str, float]:
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return {"optim/grad_norm": float(grad_norm), "optim/lr": lr}
+    return {"optim/grad_norm": float(grad_norm), "optim/lr": float(lr)}
 
 
 def log_phase(state: TrainState, metrics: dict[str, float], records: list[dict]) -> None:
     if not state.accelerator.is_main_process:
         return
+    assert state.loggers is not None  # setup gives the main process its loggers
     state.loggers.log(state.step, metrics)
     if records:
         with (state.out_dir / "audits.jsonl").open("a", encoding="utf-8") as fh:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import torch
 
@@ -29,6 +29,12 @@ from omniopd.pipeline import OnPolicy
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
 from omniopd.teachers.base import Teacher
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from omniopd.loggers import MetricLoggers
 
 # What the teacher does for a method (None: no teacher is built):
 # - "text": it writes continuations of the student's prefixes, which the audit compares with the student's
@@ -43,16 +49,16 @@ class TrainState:
     """Everything a training step reads and updates (built by ``trainer.setup``)."""
 
     cfg: RunConfig
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
     ref_model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     teacher: Teacher
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: PromptStream
     out_dir: Path
-    loggers: object = None
+    loggers: MetricLoggers | None = None  # the main process's; None on the others
     step: int = 0
     totals: dict[str, float] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # method-specific state built at setup (SFT targets)

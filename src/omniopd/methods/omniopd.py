@@ -15,6 +15,7 @@ from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_weights_from_chu
 from omniopd.data import Example
 from omniopd.methods.base import (
     Method,
+    TeacherRole,
     TrainState,
     always_applicable,
     micro_batches,
@@ -109,7 +110,7 @@ def accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
         totals["k_sem_sum"] = totals.get("k_sem_sum", 0.0) + metrics["audit/k_sem_mean"] * metrics["audit/chunks"]
 
 
-def _text_teacher(cfg: RunConfig) -> str:
+def _text_teacher(cfg: RunConfig) -> TeacherRole:
     return "text"
 
 

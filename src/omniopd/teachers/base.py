@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Teacher(ABC):
     """Text in, text out. ``name`` is recorded with every audit so runs can be compared."""
 
     name: str
-    tokenizer = None  # set by local backends that can count tokens; None for APIs
+    tokenizer: PreTrainedTokenizerBase | None = None  # set by local backends that can count tokens; None for APIs
 
     @abstractmethod
     def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:

@@ -26,9 +26,10 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
     from pathlib import Path
 
     from omniopd.errors import ConfigError
+    from omniopd.teacher_config import LocalTeacherConfig, PrivilegedTeacherConfig
 
     t = cfg.teacher
-    if t.type in ("local", "privileged"):
+    if isinstance(t, (LocalTeacherConfig, PrivilegedTeacherConfig)):
         from omniopd.teachers.local import LocalTeacher
 
         same = t.model in (None, cfg.student.name)

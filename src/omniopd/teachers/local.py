@@ -36,8 +36,11 @@ path for good, from the same random state.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from omniopd import decoding
 from omniopd.alignment import position_ids
@@ -56,6 +59,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class LocalTeacher(Teacher):
+    tokenizer: PreTrainedTokenizerBase
+
     def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32, reuse_prefix: bool = True,
                  share_prefixes: bool = False, compile: str = "off"):
         self.model = model
@@ -131,7 +136,7 @@ class LocalTeacher(Teacher):
                             cut = k
                             break
                     n_out += cut
-                    conts.append(tok.decode(row[:cut], skip_special_tokens=True))
+                    conts.append(cast(str, tok.decode(row[:cut], skip_special_tokens=True)))  # one row: one str
                 results.append(
                     ContinuationResult(
                         texts=conts,
@@ -180,13 +185,15 @@ class LocalTeacher(Teacher):
         device = next(self.model.parameters()).device
         cache = DynamicCache(config=self.model.config)
         if shared:
+            assert donor is not None  # a shared prefix has a donor row
             for layer, (k, v) in enumerate(zip(*donor, strict=True)):
                 cache.update(k[:, :, :shared].clone(), v[:, :, :shared].clone(), layer)
         if shared < len(tokens):
             rest = torch.tensor([tokens[shared:]], device=device)
             pos = torch.arange(shared, len(tokens), device=device)[None]
             self.model(input_ids=rest, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        layers = cast("list[DynamicLayer]", cache.layers)  # _shared_prefill admits plain full-attention layers only
+        return [layer.keys for layer in layers], [layer.values for layer in layers]
 
     def _shared_prefill(self, ids: torch.Tensor, att: torch.Tensor) -> DynamicCache | None:
         """The left-padded cache of ``ids[:, :-1]`` with positions shared across rows (see the module

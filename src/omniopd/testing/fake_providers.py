@@ -246,7 +246,9 @@ class FakeProviderServer:
         """The prompt's usage as the provider's cache sees it on arrival, and the writes its answer makes
         (:meth:`prompt_cache_commit`). ``ValueError``: a request the provider refuses."""
         if route == "anthropic.messages":
-            return self._prompt_caches["anthropic"].lookup(str(body.get("model", "")), message_blocks(body))
+            blocks_cache = self._prompt_caches["anthropic"]
+            assert isinstance(blocks_cache, BreakpointCache)
+            return blocks_cache.lookup(str(body.get("model", "")), message_blocks(body))
         if route == "openai.completions":
             prompt = body.get("prompt") or ""
             text = prompt if isinstance(prompt, str) else json.dumps(prompt)
@@ -255,7 +257,9 @@ class FakeProviderServer:
         else:
             text = gemini_prompt_text(body.get("contents") or [])
         provider: Provider = "gemini" if route.startswith("gemini") else "openai"
-        return self._prompt_caches[provider].lookup(model or str(body.get("model", "")), text)
+        text_cache = self._prompt_caches[provider]
+        assert isinstance(text_cache, PrefixCache)
+        return text_cache.lookup(model or str(body.get("model", "")), text)
 
     def prompt_cache_commit(self, route: str, pending: list) -> None:
         provider: Provider = "anthropic" if route.startswith("anthropic") else "gemini" if route.startswith(
