@@ -100,9 +100,12 @@ def test_audit_from_rollout_stats_matches_second_forward(tiny):
     assert recorded.metrics["audit/entropy_from_rollout"] == 1.0 and forward.metrics["audit/entropy_from_rollout"] == 0.0
 
 
-def test_checkpoint_processors_fall_back_to_the_second_forward(caplog):
+def test_checkpoint_processors_fall_back_to_the_second_forward(caplog, monkeypatch):
     """A checkpoint whose generation config adds a processor ahead of the sampling warpers (transformers applies
     its repetition_penalty even with our own config): the rollout records nothing, and says so."""
+    import omniopd.rollout
+
+    monkeypatch.setattr(omniopd.rollout, "_warned", set())  # said once per process: another test may have said it
     tok = char_tokenizer()
     model = tiny_llama(vocab_size=len(tok))
     model.generation_config.repetition_penalty = 1.3
