@@ -42,15 +42,12 @@ import concurrent.futures
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from omniopd.alignment import SequenceBatch
 from omniopd.config import API_TEACHER_TYPES, RunConfig
-from omniopd.data import Example
 from omniopd.errors import ConfigError, OmniOPDError
+from omniopd.methods.base import OnPolicy, SampledBatch, sample_batch
 from omniopd.rollout import Rollouts
 
 if TYPE_CHECKING:
@@ -78,70 +75,6 @@ def check(cfg: RunConfig, method: Method, processes: int) -> None:
             f"pipeline.mode=one_step runs with one process, got {processes}: its audit thread would run beside the "
             "main thread's collectives; use pipeline.mode=off"
         )
-
-
-@dataclass
-class SampledBatch:
-    """One step's prompts (this rank's share) and the student's samples of them."""
-
-    examples: list[Example]
-    rollouts: Rollouts
-    policy_step: int  # the optimizer steps the sampling weights had taken (0: the initial student)
-    stream_state: dict  # the prompt stream's position before these prompts were drawn
-    seconds: float  # spent sampling them
-    metrics: dict[str, float] = field(default_factory=dict)  # logged with the step that trains on them
-
-
-def _wait_for_device(device) -> None:
-    if device.type == "cuda":  # CUDA runs asynchronously: the sampling's seconds include its queued work
-        torch.cuda.synchronize(device)
-
-
-def sample_batch(state: TrainState, method: Method, token_stats: bool = False) -> SampledBatch:
-    """The stream's next prompts (this rank's share), sampled with the current weights. ``token_stats``: make
-    sure the rollouts carry the entropy and log-probs of the sampling weights (computed now if the rollout
-    could not record them)."""
-    acc = state.accelerator
-    stream_state = state.stream.state_dict()
-    examples = state.stream.next_batch()  # the global batch: every rank advances the stream alike
-    if acc.num_processes > 1:
-        from omniopd.distributed import rank_slice
-
-        examples = rank_slice(examples, acc.process_index, acc.num_processes)
-    t0 = time.perf_counter()
-    rollouts = method.sample(state, examples)
-    if token_stats and (rollouts.entropy is None or rollouts.logprobs is None):
-        from omniopd.audit import student_token_stats
-
-        t1 = time.perf_counter()
-        rollouts.entropy, rollouts.logprobs = student_token_stats(
-            acc.unwrap_model(state.model), rollouts.batch, state.cfg.optim.micro_batch_size, state.cfg.loss.slice_size
-        )
-        # logged with the audit's metrics (which these entries override): a second forward, not the rollout's own
-        rollouts.metrics.update({"audit/entropy_from_rollout": 0.0, "time/entropy_forward_s": time.perf_counter() - t1})
-    _wait_for_device(acc.device)
-    seconds = time.perf_counter() - t0
-    return SampledBatch(examples, rollouts, state.step, stream_state, seconds, {"time/rollout_s": seconds})
-
-
-class OnPolicy:
-    """``pipeline.mode: off``: a step samples its own prompts with the current weights, then audits them."""
-
-    def next_batch(self, state: TrainState, method: Method) -> SampledBatch:
-        return sample_batch(state, method)
-
-    def audit(self, state: TrainState, method: Method, sampled: SampledBatch) -> Any:
-        return method.audit(state, sampled.rollouts, sampled.examples)
-
-    def state_dict(self) -> dict | None:
-        """What a checkpoint must hold to resume exactly (nothing: every step samples afresh)."""
-        return None
-
-    def load_state_dict(self, saved: dict | None, state: TrainState) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _timed(fn, *args) -> tuple[Any, float, float]:
