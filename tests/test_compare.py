@@ -247,9 +247,25 @@ def test_saved_config_is_read_through_the_current_schema(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(saved))
     assert _same_config(path, cfg)
+    saved["rollout"]["compile"] = "on"  # how the same tokens are decoded: not a difference
+    path.write_text(yaml.safe_dump(saved))
+    assert _same_config(path, cfg)
+    saved["rollout"]["temperature"] = 0.5  # another key of the same section is one
+    path.write_text(yaml.safe_dump(saved))
+    assert not _same_config(path, cfg)
+    saved["rollout"]["temperature"] = cfg.rollout.temperature
     saved["audit"]["chunk_tokens"] = 9  # a real difference is still one
     path.write_text(yaml.safe_dump(saved))
     assert not _same_config(path, cfg)
+
+
+def test_resume_allows_only_run_control_changes():
+    from omniopd.checkpoint import config_differences
+    from omniopd.config import build_config
+
+    saved = build_config({"max_steps": 3}).model_dump(mode="json")
+    current = build_config({"max_steps": 9, "rollout": {"compile": "on", "temperature": 0.5}, "seed": 4})
+    assert config_differences(saved, current.model_dump(mode="json")) == ["rollout.temperature", "seed"]
 
 
 # ---------------------------------------------------------------- several benchmarks, code, not-applicable arms

@@ -60,6 +60,24 @@ def compiled_tiny(request, monkeypatch):
     return _MODELS[backend]
 
 
+@pytest.fixture()
+def compiled_runs(monkeypatch) -> list[str]:
+    """The decodes that went through the compiled path and returned from it (not the fallback): one entry each."""
+    runs: list[str] = []
+    real = decoding.with_fallback
+
+    def spy(model, compiled, plain, processors=None):
+        def counted():
+            out = compiled()
+            runs.append("compiled")
+            return out
+
+        return real(model, counted, plain, processors)
+
+    monkeypatch.setattr(decoding, "with_fallback", spy)
+    return runs
+
+
 def _prompts(tok):
     return chat_prompts(tok, [[{"role": "user", "content": q}] for q in QUESTIONS])
 
@@ -85,18 +103,20 @@ def test_recording_rollout_draws_what_plain_generate_draws(tiny):
 
 
 @pytest.mark.parametrize("compiled_tiny", BACKENDS, indirect=True)
-def test_compiled_rollout_same_tokens_and_stats(compiled_tiny):
+def test_compiled_rollout_same_tokens_and_stats(compiled_tiny, compiled_runs):
     """compile=on (CPU here): the static-cache compiled path draws the same tokens for a fixed seed, records
     the same statistics, reports its compile seconds once, and reuses the compiled graph afterwards."""
     model, tok = compiled_tiny
     plain = _sample(model, tok, seed=7)
+    assert compiled_runs == []
     compiled = _sample(model, tok, seed=7, compile="on")
+    assert compiled_runs  # decoded on the compiled path, not on the fallback
     assert torch.equal(compiled.batch.response_ids, plain.batch.response_ids)
     assert compiled.lengths == plain.lengths
     assert torch.allclose(compiled.entropy, plain.entropy, atol=1e-5, rtol=0)
     assert torch.allclose(compiled.logprobs, plain.logprobs, atol=1e-5, rtol=0)
     assert plain.metrics["time/compile_s"] == 0.0
-    assert compiled.metrics["time/compile_s"] > 0 or decoding.compile_seconds(model) > 0  # compiled by an earlier test
+    assert decoding.compile_seconds(model) > 0  # this call's compile, or an earlier test's on the shared model
     again = _sample(model, tok, seed=7, compile="on")
     assert again.metrics["time/compile_s"] == 0.0  # same shapes: no recompilation
     assert torch.equal(again.batch.response_ids, plain.batch.response_ids)
@@ -110,7 +130,7 @@ def test_compiled_rollout_same_tokens_and_stats(compiled_tiny):
 
 @pytest.mark.parametrize("compiled_tiny", BACKENDS, indirect=True)
 @pytest.mark.parametrize(("reuse_prefix", "share_prefixes"), [(True, False), (True, True), (False, False)])
-def test_compiled_local_teacher_same_continuations(compiled_tiny, reuse_prefix, share_prefixes):
+def test_compiled_local_teacher_same_continuations(compiled_tiny, compiled_runs, reuse_prefix, share_prefixes):
     model, tok = compiled_tiny
     requests = [ContinuationRequest(question=q, prefix=p, reference=None, trajectory=0)
                 for q, p in [("What is 2+2?", "It is"), ("What is 2+2?", "It is 4 bec"), ("Hi", "Hel")]]
@@ -120,9 +140,10 @@ def test_compiled_local_teacher_same_continuations(compiled_tiny, reuse_prefix, 
         teacher = LocalTeacher(model, tok, "tiny", privileged=False, batch_size=6, reuse_prefix=reuse_prefix,
                                share_prefixes=share_prefixes, compile=mode)
         results[mode] = [r.texts for r in teacher.continue_prefixes(requests, spec)]
+        assert bool(compiled_runs) == (mode == "on")  # off: nothing compiled; on: the compiled path, no fallback
     assert results["on"] == results["off"]
     assert all(len(t) == 2 for t in results["on"])
-    assert decoding.use_compiled(model, "on") and teacher.metrics()["teacher/compile_s"] > 0  # it did compile
+    assert decoding.use_compiled(model, "on")
 
 
 def test_failed_compile_falls_back_once(monkeypatch, caplog):

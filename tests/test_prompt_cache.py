@@ -122,6 +122,23 @@ def test_a_trajectory_writes_each_chunk_once_and_reads_the_rest(fake: FakeProvid
     assert [r.prompt_tokens for r in results] == [75, 105, 135]
 
 
+def test_the_response_cache_finds_a_request_whatever_prefixes_the_run_had_seen(fake: FakeProviderServer, tmp_path):
+    """The blocks of a request depend on the shorter prefixes registered before it (earlier steps included); the
+    response cache keys on the unshaped request, so a resumed run with an empty registry reads what was written."""
+    fake.cache_min_tokens = 16
+    cache = {**FAST, "cache_path": str(tmp_path / "responses.sqlite")}
+    with anthropic(fake, prompt_cache_min_tokens=16, **cache) as teacher:
+        first = teacher.continue_prefixes(TRAJECTORY, SPEC)
+    assert blocks(fake.requests[6].body["messages"][1]["content"])[0] == (A, True)  # cut at the shorter prefixes
+    sent = fake.count()
+    with anthropic(fake, prompt_cache_min_tokens=16, **cache) as teacher:  # a new process: nothing registered
+        again = teacher.continue_prefixes(TRAJECTORY[2:], SPEC)
+        metrics = teacher.metrics()
+    assert fake.count() == sent  # all three samples of the longest prefix came from the response cache
+    assert metrics["teacher/cache_hits"] == 3
+    assert again[0].texts == first[2].texts
+
+
 def test_switched_off_nothing_is_marked_or_cached(fake: FakeProviderServer):
     fake.cache_min_tokens = 16
     with anthropic(fake, prompt_cache=False, prompt_cache_min_tokens=16) as teacher:

@@ -87,6 +87,10 @@ def test_api_fields_are_typed_and_validated_with_one_line():
         "teacher.type: Input should be 'local', 'privileged', 'openai-completions', 'openai-chat', 'anthropic' "
         "or 'gemini' (got 'vllm')")
     assert error(overrides=["teacher.backof_base_s=1"]) == "unknown config key 'teacher.backof_base_s'"
+    assert error(overrides=["teacher.type=gemini", "teacher.model=m", "teacher.prompt_cache=false"]) == (
+        "teacher.prompt_cache: teacher.type=gemini caches prompts on the provider's side by itself, which a client "
+        "cannot switch off; only teacher.type=anthropic reads this key")
+    assert teacher(type="anthropic", model="m", prompt_cache=False).prompt_cache is False
 
 
 # ------------------------------------------------------------------------------------------ removed and unused keys

@@ -32,8 +32,8 @@ from omniopd.errors import OmniOPDError
 
 _STEP_DIR = "step-{:06d}"
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint directory of a sharded run's checkpoint
-# config fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"max_steps", "eval", "checkpoint", "resume", "output_dir", "report_to"}
+# config fields that may change between a run and its resumption (rollout.compile: how the same tokens are decoded)
+RESUMABLE_CHANGES = {"max_steps", "eval", "checkpoint", "resume", "output_dir", "report_to", "rollout.compile"}
 PIPELINE_FILE = "pipeline.pt"  # a pipelined run's pre-sampled next batch (tensors and plain lists)
 
 
@@ -145,7 +145,7 @@ def load_sharded_into(ckpt: Path, *, model, optimizer, scheduler, rank: int, wor
         set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
         return True
     except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
-        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from None
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from err
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -166,7 +166,7 @@ def load_pipeline_state(ckpt: Path) -> dict | None:
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
-        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({PIPELINE_FILE}: {type(err).__name__}: {str(err)[:200]})") from None
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({PIPELINE_FILE}: {type(err).__name__}: {str(err)[:200]})") from err
 
 
 def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
@@ -191,17 +191,19 @@ def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
     except OmniOPDError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
-        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from None
+        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:200]})") from err
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, less :data:`RESUMABLE_CHANGES`."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CHANGES:
+        dotted = prefix + key
+        if dotted in RESUMABLE_CHANGES:
             continue
         if saved.get(key) != current.get(key):
             if isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
-                diffs += [f"{key}.{d}" for d in config_differences(saved[key], current[key])]
+                diffs += config_differences(saved[key], current[key], dotted + ".")
             else:
-                diffs.append(key)
+                diffs.append(dotted)
     return diffs

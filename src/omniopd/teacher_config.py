@@ -139,6 +139,9 @@ class APITeacherConfig(RuntimeOptions, _TeacherBase):
     def _needs_model(self) -> APITeacherConfig:
         if not self.model:
             raise ValueError(f"teacher.model: required for teacher.type={self.type} (the model name the API serves)")
+        if not self.prompt_cache and self.type != "anthropic":  # only the Anthropic backend shapes its requests
+            raise ValueError(f"teacher.prompt_cache: teacher.type={self.type} caches prompts on the provider's side by "
+                             "itself, which a client cannot switch off; only teacher.type=anthropic reads this key")
         return self
 
 

@@ -216,7 +216,9 @@ def restore(state: TrainState, ckpt: Path) -> None:
     state.stream.load_state_dict(saved["stream"])
     state.pipeline.load_state_dict(load_pipeline_state(ckpt), state)  # a pipelined run's batch sampled ahead
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
-    if acc.num_processes > 1 and not own_rng:  # the checkpoint holds the main rank's RNG: give each rank its own
+    if not own_rng and (acc.num_processes > 1 or state.cfg.distributed.strategy == "fsdp2"):
+        # the checkpoint holds the main rank's RNG (DDP) or another world size's (FSDP2): new streams from the
+        # seed and the step, so no resumed step replays the first step's draws
         from accelerate.utils import set_seed
 
         set_seed(state.cfg.seed + 1_000 * state.step, device_specific=True)
@@ -349,6 +351,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     metrics = {
         **loss_metrics,
         **signal.metrics,
+        **rollouts.metrics,  # the sampling's own (time/compile_s; where the entropy came from), every method's
         **optim_metrics,
         **backend,
         **({  # the student's own samples; an off-policy method (SFT) logs its own metrics about its targets instead
@@ -478,26 +481,28 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
     keys = ("loss/total", "audit/k_sem_mean", "audit/target_mean", "loss/kl_anchor", "rollout/mean_length")
     last: dict[str, float] = {}
     every = cfg.checkpoint.every_steps
-    with tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
-        while state.step < cfg.max_steps:
-            try:
-                last = train_step(state)
-            except TeacherError as err:
-                # budget reached or too many failed chunks: keep what was learnt so far, then stop (a sharded
-                # student is gathered by every process together, which this one process cannot do alone)
-                state.pipeline.close()
-                if is_sharded(state.model):
+    try:  # the pipeline's audit thread ends however the loop does
+        with tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
+            while state.step < cfg.max_steps:
+                try:
+                    last = train_step(state)
+                except TeacherError as err:
+                    # budget reached or too many failed chunks: keep what was learnt so far, then stop (a sharded
+                    # student is gathered by every process together, which this one process cannot do alone)
+                    state.pipeline.close()
+                    if is_sharded(state.model):
+                        state.teacher.close()
+                        raise TeacherError(f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
+                                           f"checkpoints, {state.out_dir / 'checkpoints'})") from None
+                    path = save_final(state) if main else state.out_dir / "final"
                     state.teacher.close()
-                    raise TeacherError(f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
-                                       f"checkpoints, {state.out_dir / 'checkpoints'})") from None
-                path = save_final(state) if main else state.out_dir / "final"
-                state.teacher.close()
-                raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
-            if every and state.step % every == 0 and state.step < cfg.max_steps:
-                checkpoint(state)
-            bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
-            bar.update(1)
-    state.pipeline.close()
+                    raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
+                if every and state.step % every == 0 and state.step < cfg.max_steps:
+                    checkpoint(state)
+                bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
+                bar.update(1)
+    finally:
+        state.pipeline.close()
     state.teacher.close()
     if state.loggers is not None:
         state.loggers.close()

@@ -111,8 +111,18 @@ def _final_answer_share(records: list[dict]) -> dict:
     return share([extract_answer(r["output"]).rule in ("hash", "boxed") for r in records])
 
 
-# run-control fields that do not change what an arm trains
-_RUN_CONTROL = ("checkpoint", "resume", "report_to")
+# run-control fields that do not change what an arm trains (dotted: one key of a section)
+_RUN_CONTROL = ("checkpoint", "resume", "report_to", "rollout.compile")
+
+
+def _without(config: dict, keys: tuple[str, ...]) -> dict:
+    """``config`` less the top-level or dotted ``keys``."""
+    out = {k: v for k, v in config.items() if k not in keys}
+    for key in keys:
+        section, _, field = key.partition(".")
+        if field and isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != field}
+    return out
 
 
 def _same_config(path: Path, cfg: RunConfig, ignore: tuple[str, ...] = _RUN_CONTROL) -> bool:
@@ -127,7 +137,7 @@ def _same_config(path: Path, cfg: RunConfig, ignore: tuple[str, ...] = _RUN_CONT
     except (OSError, yaml.YAMLError):
         return False
     current = cfg.model_dump(mode="json")
-    return {k: v for k, v in normalized(saved).items() if k not in ignore} == {k: v for k, v in current.items() if k not in ignore}
+    return _without(normalized(saved), ignore) == _without(current, ignore)
 
 
 def _resumable(cfg: RunConfig) -> Path | None:

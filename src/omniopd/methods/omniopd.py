@@ -43,7 +43,6 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Aud
         micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
         record_trajectories=cfg.audit.record_trajectories, token_stats=stats,
     )
-    result.metrics.update(rollouts.metrics)  # time/compile_s of the rollout's compiled decoding
     return result
 
 

@@ -118,6 +118,13 @@ class AnthropicTeacher(APITeacher):
         cuts = self._prefixes.boundaries(task_key(messages[:-1]), messages[-1]["content"]) if has_prefill else []
         return shape_prefill(messages, cuts, self.cache_min_tokens)
 
+    def response_cache_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload with every turn as one plain string: the cache blocks depend on which prefixes of the
+        task the registry has seen (earlier steps included), not on the request."""
+        messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                     else "".join(block["text"] for block in m["content"])} for m in payload["messages"]]
+        return {**payload, "messages": messages}
+
     def build_payload(
         self, request: ContinuationRequest, spec: SamplingSpec, n: int, sample_index: int
     ) -> dict[str, Any]:

@@ -76,15 +76,6 @@ class BudgetLedger:
         return cls(prices.input, prices.output, options.max_cost_usd, options.max_total_tokens,
                    price_cached_input_per_mtok=prices.cached_input, price_cache_write_per_mtok=prices.cache_write)
 
-    # the prices under their option names (read by the run record and older callers)
-    @property
-    def price_input_per_mtok(self) -> float:
-        return self.prices.input
-
-    @property
-    def price_output_per_mtok(self) -> float:
-        return self.prices.output
-
     @property
     def cost_usd(self) -> float:
         return self.prices.cost_usd(self.tokens_in, self.tokens_out, self.cached_tokens, self.cache_write_tokens)

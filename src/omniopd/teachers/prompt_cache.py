@@ -51,7 +51,7 @@ How the requests are shaped (``teacher.prompt_cache``, on by default):
     first (template, task, partial answer; the length request after it), so nested prefixes share all but
     the tail, and N samples asked in one request (``n``, ``candidate_count``) send the prompt once. No
     ``prompt_cache_key`` is sent (self-hosted servers may refuse unknown fields; ``teacher.extra_body`` can
-    add one). ``teacher.prompt_cache`` cannot switch a provider's automatic caching off.
+    add one). A client cannot switch their automatic caching off, so ``teacher.prompt_cache=false`` is refused there.
 
 The models below (:class:`BreakpointCache`, :class:`PrefixCache`) implement these rules for the local fake
 providers and for ``omniopd estimate``, with tokens approximated as 4 characters each (:func:`approx_tokens`,

@@ -293,6 +293,12 @@ class APITeacher(Teacher):
         """Called with each batch before any of its payloads is built: request shaping that needs the whole
         batch (the Anthropic backend's prompt-cache blocks, ``teachers.prompt_cache``)."""
 
+    def response_cache_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """What the response cache keys a request on: the payload less any shaping that depends on the run's
+        history rather than on the request (the Anthropic backend's cache blocks), so a rerun or a resumed
+        run finds the same entries."""
+        return payload
+
     def metrics(self) -> dict[str, float]:
         return {**self.ledger.snapshot(), **self._limit.metrics()}
 
@@ -333,18 +339,6 @@ class APITeacher(Teacher):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def describe(self) -> dict[str, Any]:
-        """Options for the run record (no credentials)."""
-        return {
-            "backend": self.backend,
-            "protocol": self.protocol,
-            "model": self.model,
-            "base_url": self.base_url,
-            "privileged": self.privileged,
-            "max_n_per_request": self.max_n_per_request,
-            **self.options.model_dump(),
-        }
 
     # -- scheduling --------------------------------------------------------------------------------
     async def _run(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:
@@ -464,7 +458,7 @@ class APITeacher(Teacher):
         key = ""
         if self.cache is not None:
             sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "seed": spec.seed, "sample": sample_index}
-            key = cache_key(self.backend, self.model, payload, sampling)
+            key = cache_key(self.backend, self.model, self.response_cache_payload(payload), sampling)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
