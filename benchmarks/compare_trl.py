@@ -1,7 +1,8 @@
 """Seconds per training step: OmniOPD at the default recipe's shapes against TRL's DistillationTrainer.
 
     python benchmarks/compare_trl.py --output compare_trl.json [--steps 5] [--warmup 1] [--max-new-tokens N]
-                                     [--order interleaved|sequential] [--quick] [--recipe R] [key=value ...]
+                                     [--order interleaved|sequential] [--quick] [--recipe R]
+                                     [--api-teacher-latency S] [key=value ...]
 
 Needs TRL (``pip install 'omniopd[bench]'``); exits with one line saying so when it is missing.
 
@@ -43,6 +44,12 @@ recorded, and ``ratio_median_without_generation`` compares the steps less their 
 Decoding: OmniOPD decodes as ``rollout.compile`` says (``auto``: compiled static-cache decoding on CUDA, plain
 on the CPU; ``decoding`` in the output names the mode, the compile seconds and where the entropy came from;
 the compilation falls in the warm-up step), TRL with its own plain ``generate``.
+
+``--api-teacher-latency S`` gives OmniOPD an API teacher instead of the recipe's: ``openai-completions`` on the
+local fake provider (``benchmarks/pipeline.py``'s server in a child process), answering every request after S
+seconds with filler text, up to 32 requests in flight, no response cache. Its targets mean nothing; its time is
+what a remote teacher costs the step. With ``pipeline.mode=one_step`` (an override) the audit runs beside the
+next step's sampling; ``teacher_wait`` per step is what it still held the step up, ``staleness`` the samples' age.
 
 ``--quick`` runs 2 steps per side (1 warm-up) at tiny shapes: a check that the script runs, not a measurement.
 
@@ -273,6 +280,9 @@ def main() -> None:
     ap.add_argument("--order", choices=["interleaved", "sequential"], default="interleaved")
     ap.add_argument("--quick", action="store_true", help="2 steps per side at tiny shapes: checks that the script runs")
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "gsm8k-smollm2-cpu.yaml"))
+    ap.add_argument("--api-teacher-latency", type=float, default=None, metavar="S",
+                    help="OmniOPD's teacher: openai-completions on the local fake provider answering after S seconds "
+                         "(add pipeline.mode=one_step to overlap it with sampling)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.quick:
@@ -282,7 +292,23 @@ def main() -> None:
         ap.error(f"--warmup must be at least 0 and less than --steps, got --warmup {args.warmup} --steps {args.steps}")
     trl = require_trl()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    overrides = list(args.overrides)
+    if args.max_new_tokens is not None:
+        overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
+    with contextlib.ExitStack() as stack:
+        if args.api_teacher_latency is not None:
+            from pipeline import NO_KEY_ENV, ServerProcess  # benchmarks/pipeline.py: the fake provider in a child
 
+            server = stack.enter_context(ServerProcess(args.api_teacher_latency))
+            overrides = [
+                "teacher.type=openai-completions", "teacher.model=fake-teacher", f"teacher.base_url={server.url}/v1",
+                f"teacher.api_key_env={NO_KEY_ENV}", "teacher.cache=false", "teacher.max_concurrency=32",
+                "teacher.adaptive_concurrency=false", *overrides,
+            ]
+        run_both(args, trl, overrides)
+
+
+def run_both(args, trl, overrides: list[str]) -> None:
     import torch
     import transformers
 
@@ -290,9 +316,6 @@ def main() -> None:
     from omniopd.data import load_examples
     from omniopd.trainer import setup, train_step
 
-    overrides = list(args.overrides)
-    if args.max_new_tokens is not None:
-        overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.recipe, [*overrides, f"output_dir={tmp}/run", "eval.before=false", "eval.after=false"])
         batches = prompt_order(cfg, load_examples(cfg.data.train), args.steps)
@@ -314,14 +337,19 @@ def main() -> None:
             for _ in range(args.steps):
                 omniopd_step()
         trainer.train()
+        state.pipeline.close()
+        state.teacher.close()
     if len(omni_rows) != args.steps or len(clock.rows) != args.steps:
         sys.exit(f"compare_trl.py: ran {len(omni_rows)} OmniOPD and {len(clock.rows)} TRL steps, expected {args.steps} each")
 
     B = cfg.optim.prompts_per_step * cfg.rollout.samples_per_prompt
     omni_per_step = [
-        {name: r[key] for name, key in PHASES.items()}
+        {name: r.get(key, 0.0) for name, key in PHASES.items()}
         | {"step_s": r["time/step_s"], "mean_length": r["rollout/mean_length"], "generated_tokens": r["rollout/mean_length"] * B,
-           "chunks": r["audit/chunks"], "compile_s": r.get("time/compile_s", 0.0)}
+           "chunks": r["audit/chunks"], "compile_s": r.get("time/compile_s", 0.0),
+           # pipelined (pipeline.mode=one_step): the teacher runs beside the next sampling; this is what it still held
+           # the step up, and how stale the step's samples were
+           "teacher_wait": r.get("time/teacher_wait_s"), "staleness": r.get("pipeline/staleness")}
         for r in omni_rows
     ]
     expected_ids = [[ex.id for ex in batch for _ in range(cfg.rollout.samples_per_prompt)] for batch in batches]
@@ -365,6 +393,8 @@ def main() -> None:
             "recipe": args.recipe,
             "overrides": overrides,
             "teacher": cfg.teacher.type,
+            "api_teacher_latency_s": args.api_teacher_latency,
+            "pipeline": cfg.pipeline.mode,
             "teacher_logits_used": False,
             "step_s_median": omni_step,
             "step_s_median_without_rollout": omni_wo_gen,
