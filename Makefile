@@ -27,6 +27,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src
 	$(VENV)/bin/mypy
 
 test: install

@@ -51,8 +51,11 @@ class SequenceBatch:
     def to(self, device) -> "SequenceBatch":
         """The same batch on ``device`` (rollouts are packed on the CPU; the forward runs where the model is)."""
         return SequenceBatch(
-            input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device), prompt_len=self.prompt_len,
-            response_ids=self.response_ids.to(device), response_mask=self.response_mask.to(device),
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            prompt_len=self.prompt_len,
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
         )
 
 
@@ -87,8 +90,12 @@ def response_hidden(model, batch: SequenceBatch) -> tuple[Tensor, Callable[[Tens
         # (normed) hidden state is the last entry of hidden_states
         _, head = decoder_and_head(model.module)
         out = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask), use_cache=False, output_hidden_states=True, logits_to_keep=1,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids(batch.attention_mask),
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
         )
         h = out.hidden_states[-1]
     else:

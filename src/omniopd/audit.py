@@ -81,7 +81,9 @@ def phi_by_name(name: str) -> tuple[Phi, Callable[[list[str]], None]]:
 
 
 @torch.no_grad()
-def student_token_stats(model, batch: SequenceBatch, micro_batch_size: int, slice_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def student_token_stats(
+    model, batch: SequenceBatch, micro_batch_size: int, slice_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy H_t and log p(y_t) for every response token: (B, T) each, fp32, no grad."""
     B, T = batch.response_ids.shape
     ent = torch.zeros(B, T)
@@ -136,8 +138,16 @@ class _Rounds:
 
 
 def _teacher_rounds(
-    *, teacher: Teacher, tokenizer, audit_cfg: AuditConfig, spec: SamplingSpec, planned: list[tuple[int, int]],
-    requests: list[ContinuationRequest], chunk_texts: list[str], logprobs: torch.Tensor, timings: dict[str, float],
+    *,
+    teacher: Teacher,
+    tokenizer,
+    audit_cfg: AuditConfig,
+    spec: SamplingSpec,
+    planned: list[tuple[int, int]],
+    requests: list[ContinuationRequest],
+    chunk_texts: list[str],
+    logprobs: torch.Tensor,
+    timings: dict[str, float],
 ) -> _Rounds:
     """The teacher's continuations and their phi scores for every planned chunk. The paper's path is one
     round of N continuations per chunk. Adaptive N (a departure, ``audit.adaptive_n``) asks in rounds of
@@ -149,9 +159,11 @@ def _teacher_rounds(
     alpha, width = audit_cfg.prior_strength, audit_cfg.adaptive_width
     J = len(planned)
     out = _Rounds(
-        continuations=[[] for _ in range(J)], scores=[[] for _ in range(J)],
+        continuations=[[] for _ in range(J)],
+        scores=[[] for _ in range(J)],
         prior=[float(chunk_prior_mean(logprobs[b, s : s + C])) for b, s in planned],
-        width=[float("nan")] * J, failed_chunk=[False] * J,
+        width=[float("nan")] * J,
+        failed_chunk=[False] * J,
     )
     teacher_s = phi_s = 0.0
     t0 = time.perf_counter()
@@ -168,7 +180,10 @@ def _teacher_rounds(
         out.rounds += 1
 
         t0 = time.perf_counter()
-        cuts = [[cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == n_req else [] for res in results]
+        cuts = [
+            [cut_to_tokens(tokenizer, t, C)[0] for t in res.texts] if res.ok and len(res.texts) == n_req else []
+            for res in results
+        ]
         prime([*(chunk_texts[j] for j in open_), *(t for c in cuts for t in c)])
         still = []
         for j, res, cut in zip(open_, results, cuts, strict=True):
@@ -220,8 +235,10 @@ def run_audit(
     if token_stats is not None:
         entropy, logprobs = token_stats
         if entropy.shape != batch.response_ids.shape or logprobs.shape != batch.response_ids.shape:
-            raise ValueError(f"token_stats of shape {tuple(entropy.shape)}/{tuple(logprobs.shape)} do not match the "
-                             f"responses {tuple(batch.response_ids.shape)}")
+            raise ValueError(
+                f"token_stats of shape {tuple(entropy.shape)}/{tuple(logprobs.shape)} do not match the "
+                f"responses {tuple(batch.response_ids.shape)}"
+            )
         mask = batch.response_mask
         entropy, logprobs = entropy * mask, logprobs * mask
     else:
@@ -240,8 +257,11 @@ def run_audit(
         ids = batch.response_ids[b, : lengths[b]].tolist()
         prefix, chunk = prefix_and_chunk_text(tokenizer, ids, s, C)
         ex = examples[b]
-        requests.append(ContinuationRequest(question=ex.question, prefix=prefix, reference=ex.reference, trajectory=b,
-                                            instruction=ex.instruction))
+        requests.append(
+            ContinuationRequest(
+                question=ex.question, prefix=prefix, reference=ex.reference, trajectory=b, instruction=ex.instruction
+            )
+        )
         chunk_texts.append(chunk)
         char_starts.append(len(prefix))
 
@@ -258,8 +278,15 @@ def run_audit(
     chunk_records: list[list[dict]] = [[] for _ in range(B)]
     spent_before = teacher.metrics()
     rounds = _teacher_rounds(
-        teacher=teacher, tokenizer=tokenizer, audit_cfg=audit_cfg, spec=spec, planned=planned, requests=requests,
-        chunk_texts=chunk_texts, logprobs=logprobs, timings=timings,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        audit_cfg=audit_cfg,
+        spec=spec,
+        planned=planned,
+        requests=requests,
+        chunk_texts=chunk_texts,
+        logprobs=logprobs,
+        timings=timings,
     )
     spent = _billed_this_step(spent_before, teacher.metrics())
     failed, tokens_in, tokens_out = rounds.failed, rounds.tokens_in, rounds.tokens_out
@@ -277,9 +304,23 @@ def run_audit(
             samples_B[b].append(len(scores))
         if b < record_trajectories:
             chunk_records[b].append(
-                {"start": s, "end": s + C, "char_start": c0, "char_end": c0 + len(chunk), "entropy": float(entropy[b, s]), "student_text": chunk,
-                 "continuations": rounds.continuations[j], "phi_scores": scores, "k_sem": k, "prior_mean": p_bar,
-                 **({"teacher_samples": len(scores), "posterior_width": rounds.width[j]} if samples_B is not None else {})}
+                {
+                    "start": s,
+                    "end": s + C,
+                    "char_start": c0,
+                    "char_end": c0 + len(chunk),
+                    "entropy": float(entropy[b, s]),
+                    "student_text": chunk,
+                    "continuations": rounds.continuations[j],
+                    "phi_scores": scores,
+                    "k_sem": k,
+                    "prior_mean": p_bar,
+                    **(
+                        {"teacher_samples": len(scores), "posterior_width": rounds.width[j]}
+                        if samples_B is not None
+                        else {}
+                    ),
+                }
             )
 
     if planned and failed / len(planned) > audit_cfg.max_failed_chunk_frac:
@@ -292,7 +333,11 @@ def run_audit(
     flat_p = [p for ps in prior_B for p in ps]
     flat_n = [n for ns in samples_B for n in ns] if samples_B is not None else [N] * len(flat_k)
     n_arg = torch.tensor(flat_n) if samples_B is not None else N  # adaptive N: each chunk on its own n
-    targets = dm_target(torch.tensor(flat_k), torch.tensor(flat_p), n_arg, audit_cfg.prior_strength).tolist() if flat_k else []
+    targets = (
+        dm_target(torch.tensor(flat_k), torch.tensor(flat_p), n_arg, audit_cfg.prior_strength).tolist()
+        if flat_k
+        else []
+    )
     # departure "centred target": the loss weight is pi_hat minus the step's mean pi_hat (can be < 0)
     weights = centered_targets(targets).tolist() if audit_cfg.target == "centered" else list(targets)
     targets_B: list[list[float]] = []
@@ -320,14 +365,22 @@ def run_audit(
         "audit/k_sem_p10": _quantile(flat_k, 0.1),
         "audit/k_sem_p50": _quantile(flat_k, 0.5),
         "audit/k_sem_p90": _quantile(flat_k, 0.9),
-        "audit/k_sem_interior_frac": sum(0.05 * n < k < 0.95 * n for k, n in zip(flat_k, flat_n)) / len(flat_k) if flat_k else 0.0,
+        "audit/k_sem_interior_frac": sum(0.05 * n < k < 0.95 * n for k, n in zip(flat_k, flat_n)) / len(flat_k)
+        if flat_k
+        else 0.0,
         "audit/k_sem_zero_frac": sum(k == 0 for k in flat_k) / len(flat_k) if flat_k else 0.0,
         "audit/target_mean": sum(targets) / len(targets) if targets else 0.0,
         "audit/target_min": min(targets) if targets else 0.0,
         "audit/target_max": max(targets) if targets else 0.0,
         "audit/prior_mean": sum(flat_p) / len(flat_p) if flat_p else 0.0,
-        **({"audit/weight_neg_frac": sum(w < 0 for w in weights) / len(weights) if weights else 0.0,
-            "audit/weight_min": min(weights) if weights else 0.0} if audit_cfg.target == "centered" else {}),
+        **(
+            {
+                "audit/weight_neg_frac": sum(w < 0 for w in weights) / len(weights) if weights else 0.0,
+                "audit/weight_min": min(weights) if weights else 0.0,
+            }
+            if audit_cfg.target == "centered"
+            else {}
+        ),
         "audit/entropy_anchor_mean": float(entropy[anchor_mask].mean()) if anchor_mask.any() else 0.0,
         "audit/entropy_other_mean": float(entropy[other].mean()) if other.any() else 0.0,
         "audit/entropy_from_rollout": float(token_stats is not None),  # 0: computed by a second forward
@@ -340,24 +393,50 @@ def run_audit(
         **timings,
     }
     if samples_B is not None:
-        metrics.update({
-            "audit/teacher_samples_mean": sum(flat_n) / len(flat_n) if flat_n else 0.0,
-            "audit/adaptive_saved_frac": 1.0 - sum(flat_n) / (len(flat_n) * N) if flat_n else 0.0,
-            "audit/adaptive_full_frac": sum(n == N for n in flat_n) / len(flat_n) if flat_n else 0.0,
-            "audit/adaptive_rounds": float(n_rounds),
-            "audit/k_sem_rate_mean": sum(k / n for k, n in zip(flat_k, flat_n)) / len(flat_k) if flat_k else 0.0,
-        })
+        metrics.update(
+            {
+                "audit/teacher_samples_mean": sum(flat_n) / len(flat_n) if flat_n else 0.0,
+                "audit/adaptive_saved_frac": 1.0 - sum(flat_n) / (len(flat_n) * N) if flat_n else 0.0,
+                "audit/adaptive_full_frac": sum(n == N for n in flat_n) / len(flat_n) if flat_n else 0.0,
+                "audit/adaptive_rounds": float(n_rounds),
+                "audit/k_sem_rate_mean": sum(k / n for k, n in zip(flat_k, flat_n)) / len(flat_k) if flat_k else 0.0,
+            }
+        )
 
     records = []
     for b in range(min(B, record_trajectories)):
         ids = batch.response_ids[b, : lengths[b]].tolist()
-        records.append({
-            "step": step, "trajectory": b, "example_id": examples[b].id, "prompt": examples[b].question,
-            "response": tokenizer.decode(ids, skip_special_tokens=True), "response_tokens": lengths[b],
-            "selector": audit_cfg.anchors, "phi": audit_cfg.phi, "target": audit_cfg.target, "teacher": teacher.name,
-            "chunks": chunk_records[b],
-            **({"adaptive_n": {"round": audit_cfg.adaptive_round, "width": audit_cfg.adaptive_width, "max_samples": N}}
-               if audit_cfg.adaptive_n else {}),
-        })
-    return AuditResult(starts_B=starts_B, targets_B=targets_B, metrics=metrics, records=records, weights_B=weights_B,
-                       samples_B=samples_B)
+        records.append(
+            {
+                "step": step,
+                "trajectory": b,
+                "example_id": examples[b].id,
+                "prompt": examples[b].question,
+                "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "response_tokens": lengths[b],
+                "selector": audit_cfg.anchors,
+                "phi": audit_cfg.phi,
+                "target": audit_cfg.target,
+                "teacher": teacher.name,
+                "chunks": chunk_records[b],
+                **(
+                    {
+                        "adaptive_n": {
+                            "round": audit_cfg.adaptive_round,
+                            "width": audit_cfg.adaptive_width,
+                            "max_samples": N,
+                        }
+                    }
+                    if audit_cfg.adaptive_n
+                    else {}
+                ),
+            }
+        )
+    return AuditResult(
+        starts_B=starts_B,
+        targets_B=targets_B,
+        metrics=metrics,
+        records=records,
+        weights_B=weights_B,
+        samples_B=samples_B,
+    )

@@ -64,8 +64,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    config_yaml: str, keep_last: int, pipeline_state: dict | None = None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+    pipeline_state: dict | None = None,
+) -> Path:
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / _STEP_DIR.format(step)
@@ -88,9 +99,22 @@ def save_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     return final
 
 
-def save_sharded_checkpoint(out_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                            config_yaml: str, keep_last: int, rank: int, world: int, barrier,
-                            pipeline_state: dict | None = None) -> Path:
+def save_sharded_checkpoint(
+    out_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+    rank: int,
+    world: int,
+    barrier,
+    pipeline_state: dict | None = None,
+) -> Path:
     """A sharded run's checkpoint, written by every process together (``barrier()`` waits for all of them);
     the main process (rank 0) writes what every rank holds alike and publishes the directory."""
     import torch.distributed.checkpoint as dcp
@@ -154,7 +178,9 @@ def load_trainer_state(ckpt: Path) -> dict:
         int(state["step"])
         return state
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise OmniOPDError(f"checkpoint {ckpt} is corrupt or incomplete (trainer_state.json: {type(err).__name__})") from None
+        raise OmniOPDError(
+            f"checkpoint {ckpt} is corrupt or incomplete (trainer_state.json: {type(err).__name__})"
+        ) from None
 
 
 def load_pipeline_state(ckpt: Path) -> dict | None:
@@ -166,7 +192,9 @@ def load_pipeline_state(ckpt: Path) -> dict | None:
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the checkpoint cannot be used
-        raise OmniOPDError(f"checkpoint {ckpt} cannot be loaded ({PIPELINE_FILE}: {type(err).__name__}: {str(err)[:200]})") from err
+        raise OmniOPDError(
+            f"checkpoint {ckpt} cannot be loaded ({PIPELINE_FILE}: {type(err).__name__}: {str(err)[:200]})"
+        ) from err
 
 
 def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
@@ -184,7 +212,9 @@ def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
             # tied weights (lm_head = embed_tokens) are saved once; anything else missing is corruption
             tied = {k for k in missing if k.endswith("lm_head.weight")}
             if set(missing) - tied or unexpected:
-                raise ValueError(f"weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+                raise ValueError(
+                    f"weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+                )
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
         set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))

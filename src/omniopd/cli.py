@@ -21,16 +21,26 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a student from a YAML recipe")
     t.add_argument("recipe", nargs="?", help="path to a recipe YAML (optional with --resume)")
     t.add_argument("overrides", nargs="*", help="key=value overrides with dotted paths, e.g. audit.chunk_tokens=24")
-    t.add_argument("--resume", metavar="OUTPUT_DIR", default=None,
-                   help="continue the run in OUTPUT_DIR from its last checkpoint (its config.yaml is the recipe)")
+    t.add_argument(
+        "--resume",
+        metavar="OUTPUT_DIR",
+        default=None,
+        help="continue the run in OUTPUT_DIR from its last checkpoint (its config.yaml is the recipe)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a model on a math or code benchmark")
-    e.add_argument("--model", required=True,
-                   help="HF id, local directory, .gguf file, packaged name, a run's final/ or checkpoint; with --api, the API model name")
-    e.add_argument("--data", default="gsm8k-dev",
-                   help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, humaneval, mbppplus, or a .jsonl path")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="HF id, local directory, .gguf file, packaged name, a run's final/ or checkpoint; with --api, the API model name",
+    )
+    e.add_argument(
+        "--data",
+        default="gsm8k-dev",
+        help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, humaneval, mbppplus, or a .jsonl path",
+    )
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     e.add_argument("--output", required=True, help="summary JSON path (per-problem records go next to it)")
     e.add_argument("--max-new-tokens", type=int, default=256)
@@ -41,16 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--extraction", default="hash,boxed,last_number", help="math answer extraction rules, in order")
     e.add_argument("--question-field", default=None)
     e.add_argument("--answer-field", default=None)
-    e.add_argument("--api", default=None, metavar="TEACHER_TYPE",
-                   help="evaluate an API model through a teacher backend: openai-completions, openai-chat, anthropic, gemini")
+    e.add_argument(
+        "--api",
+        default=None,
+        metavar="TEACHER_TYPE",
+        help="evaluate an API model through a teacher backend: openai-completions, openai-chat, anthropic, gemini",
+    )
     e.add_argument("--base-url", default=None)
     e.add_argument("--api-key-env", default=None)
     e.add_argument("--no-progress", action="store_true")
-    e.add_argument("--insecure-no-isolation", action="store_true",
-                   help="grade code without the isolated sandbox when it is unavailable (not root, no namespaces): "
-                        "model-written code can then read your files, the answer keys included")
+    e.add_argument(
+        "--insecure-no-isolation",
+        action="store_true",
+        help="grade code without the isolated sandbox when it is unavailable (not root, no namespaces): "
+        "model-written code can then read your files, the answer keys included",
+    )
 
-    c = sub.add_parser("check-teacher", help="send a few real prefixes to the configured teacher and check what comes back")
+    c = sub.add_parser(
+        "check-teacher", help="send a few real prefixes to the configured teacher and check what comes back"
+    )
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--prefixes", type=int, default=3)
@@ -59,25 +78,48 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plots and an HTML audit viewer for a run directory")
     r.add_argument("run_dir")
 
-    m = sub.add_parser("compare", help="train the recipe's compare.variants on the same budget and compare them on the same dev slice")
+    m = sub.add_parser(
+        "compare", help="train the recipe's compare.variants on the same budget and compare them on the same dev slice"
+    )
     m.add_argument("recipe", help="a recipe YAML with a compare: section")
     m.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
-    m.add_argument("--rerun", action="store_true",
-                   help="train every arm again even if a finished run with the same config exists (unchanged models keep their measurements)")
+    m.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train every arm again even if a finished run with the same config exists (unchanged models keep their measurements)",
+    )
     m.add_argument("--no-progress", action="store_true")
-    m.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                   help="train only these variants (and measure the base model); finished arms are reused, the others are listed as not run")
+    m.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="train only these variants (and measure the base model); finished arms are reused, the others are listed as not run",
+    )
 
-    x = sub.add_parser("estimate", help="what the recipe's API teacher will bill: requests, tokens and dollars per step and epoch")
+    x = sub.add_parser(
+        "estimate", help="what the recipe's API teacher will bill: requests, tokens and dollars per step and epoch"
+    )
     x.add_argument("recipe")
-    x.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.type=anthropic teacher.model=claude-haiku-4-5")
-    x.add_argument("--prompts", type=int, default=None,
-                   help="prompts of real rollouts to measure the prefixes on (default: one step's optim.prompts_per_step)")
-    x.add_argument("--paper", action="store_true",
-                   help="the paper's setting instead of rollouts: 17K prompts x 8 samples, M=10, N=10, C=50 (synthetic prefixes)")
+    x.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. teacher.type=anthropic teacher.model=claude-haiku-4-5"
+    )
+    x.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="prompts of real rollouts to measure the prefixes on (default: one step's optim.prompts_per_step)",
+    )
+    x.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's setting instead of rollouts: 17K prompts x 8 samples, M=10, N=10, C=50 (synthetic prefixes)",
+    )
     x.add_argument("--output", default=None, help="also write the report as JSON")
 
-    s = sub.add_parser("check-signal", help="k_sem of the teacher vs shuffled and no-privilege controls on real rollouts")
+    s = sub.add_parser(
+        "check-signal", help="k_sem of the teacher vs shuffled and no-privilege controls on real rollouts"
+    )
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--steps", type=int, default=2, help="batches of student rollouts to audit (default 2)")
@@ -95,7 +137,9 @@ def _cmd_check_teacher(args) -> int:
     from omniopd.preflight import check_teacher, format_check
     from omniopd.teachers import build_teacher
 
-    examples = load_train_examples(cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap, limit=max(args.prefixes, 1))
+    examples = load_train_examples(
+        cfg.data.train, allow_eval_overlap=cfg.data.allow_eval_overlap, limit=max(args.prefixes, 1)
+    )
     tokenizer = load_tokenizer(cfg.student.name)
     teacher = build_teacher(cfg)
     try:
@@ -155,7 +199,9 @@ def _cmd_eval(args) -> int:
     ks = tuple(sorted(set(args.k or [1, args.n])))
     from omniopd.evaluation.runner import CODE_BENCHMARKS, HFGenerator, TeacherGenerator, evaluate, load_problems
 
-    load_problems(args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field)  # fail fast
+    load_problems(
+        args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field
+    )  # fail fast
     if args.data.lower() in CODE_BENCHMARKS:
         from omniopd.evaluation.code import check_isolation
 
@@ -166,9 +212,16 @@ def _cmd_eval(args) -> int:
         from omniopd.config import build_config
         from omniopd.teachers import build_teacher
 
-        fields = {"type": args.api, "model": args.model, "base_url": args.base_url, "api_key_env": args.api_key_env,
-                  "temperature": args.temperature}
-        cfg = build_config({"teacher": {k: v for k, v in fields.items() if v is not None}, "audit": {"teacher_samples": args.n}})
+        fields = {
+            "type": args.api,
+            "model": args.model,
+            "base_url": args.base_url,
+            "api_key_env": args.api_key_env,
+            "temperature": args.temperature,
+        }
+        cfg = build_config(
+            {"teacher": {k: v for k, v in fields.items() if v is not None}, "audit": {"teacher_samples": args.n}}
+        )
         teacher = build_teacher(cfg)
         generator = TeacherGenerator(teacher)
     else:
@@ -179,11 +232,19 @@ def _cmd_eval(args) -> int:
     out = Path(args.output)
     try:
         summary = evaluate(
-            generator, args.data, limit=args.limit, n=args.n, ks=ks, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            generator,
+            args.data,
+            limit=args.limit,
+            n=args.n,
+            ks=ks,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
             extraction=tuple(r.strip() for r in args.extraction.split(",") if r.strip()),
-            question_field=args.question_field, answer_field=args.answer_field,
-            records_path=out.with_name(out.stem + "_records.jsonl"), show_progress=not args.no_progress,
+            question_field=args.question_field,
+            answer_field=args.answer_field,
+            records_path=out.with_name(out.stem + "_records.jsonl"),
+            show_progress=not args.no_progress,
             insecure_no_isolation=args.insecure_no_isolation,
         )
     finally:
@@ -197,7 +258,9 @@ def _cmd_eval(args) -> int:
     out.write_text(json.dumps(summary, indent=2))
     lo, hi = summary["ci95"]
     extra = "".join(f", pass@{k} {100 * summary[f'pass@{k}']:.1f}%" for k in ks if k != 1)
-    print(f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}){extra} -> {out}")
+    print(
+        f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}){extra} -> {out}"
+    )
     return 0
 
 
@@ -246,14 +309,21 @@ def _cmd_check_signal(args) -> int:
 
 
 COMMANDS = {
-    "train": _cmd_train, "eval": _cmd_eval, "check-teacher": _cmd_check_teacher, "report": _cmd_report,
-    "compare": _cmd_compare, "check-signal": _cmd_check_signal, "estimate": _cmd_estimate,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "check-teacher": _cmd_check_teacher,
+    "report": _cmd_report,
+    "compare": _cmd_compare,
+    "check-signal": _cmd_check_signal,
+    "estimate": _cmd_estimate,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("OMNIOPD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("OMNIOPD_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local; never stall on an unreachable hub
     from omniopd.errors import OmniOPDError
 

@@ -227,7 +227,9 @@ class SFTConfig(_Section):
     """
 
     source: Literal["teacher", "reference"] = "teacher"
-    max_new_tokens: int = Field(256, gt=0)  # teacher-written solution length (teacher tokens; student tokens cut there too)
+    max_new_tokens: int = Field(
+        256, gt=0
+    )  # teacher-written solution length (teacher tokens; student tokens cut there too)
     temperature: float = Field(0.0, ge=0.0, le=5.0)  # 0: greedy, the teacher's best single solution
     cache_dir: str | None = None
 
@@ -278,7 +280,9 @@ class CompareConfig(_Section):
     loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
     signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
     bootstrap_samples: int = Field(2000, ge=100)  # for the intervals of token-weighted means
-    keep_checkpoints: bool = False  # False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)
+    keep_checkpoints: bool = (
+        False  # False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)
+    )
 
     @model_validator(mode="after")
     def _check_benchmarks(self) -> "CompareConfig":
@@ -381,7 +385,9 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     merged = apply_overrides(data or {}, overrides or [])
     removed = [k for k in REMOVED_KEYS if k in merged]
     if removed:
-        raise ConfigError(f"config key '{removed[0]}' was removed ({REMOVED_KEYS[removed[0]]}); delete it from the recipe")
+        raise ConfigError(
+            f"config key '{removed[0]}' was removed ({REMOVED_KEYS[removed[0]]}); delete it from the recipe"
+        )
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:

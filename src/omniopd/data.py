@@ -40,7 +40,12 @@ NAMED_DATASETS: dict[str, tuple[str, str, str]] = {
 
 # MBPP's splits by task_id (mbpp/README.md); the training prompts default to train + validation
 MBPP_FILE = "mbpp/mbpp.jsonl"
-MBPP_SPLITS: dict[str, tuple[int, int]] = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+MBPP_SPLITS: dict[str, tuple[int, int]] = {
+    "prompt": (1, 10),
+    "test": (11, 510),
+    "validation": (511, 600),
+    "train": (601, 974),
+}
 MBPP_DEFAULT_SPLITS = ("train", "validation")
 # MBPP tasks that MBPP+ evaluates under another task number (the same task, reworded at most): MBPP
 # task -> MBPP+ task. Excluded from training like the MBPP+ task ids themselves.
@@ -254,8 +259,14 @@ def _code_example(row: dict, path: Path, lineno: int) -> Example:
     if isinstance(ex_id, int) and not isinstance(ex_id, bool) and prompt is None:
         ex_id = f"Mbpp/{ex_id}"  # MBPP's integer task ids, named as EvalPlus names them
     ex_id = str(ex_id) if ex_id is not None and not isinstance(ex_id, (dict, list)) else f"{path.stem}-{lineno}"
-    return Example(id=ex_id, question=question, answer="", reference=(reference or "").strip() or None,
-                   instruction=CODE_INSTRUCTION, tests=tests)
+    return Example(
+        id=ex_id,
+        question=question,
+        answer="",
+        reference=(reference or "").strip() or None,
+        instruction=CODE_INSTRUCTION,
+        tests=tests,
+    )
 
 
 def _defines_function(code: str) -> bool:
@@ -268,8 +279,10 @@ def parse_mbpp_spec(spec: str) -> tuple[str, ...]:
     names = [s.strip() for s in tail.split("+")] if tail.strip() else list(MBPP_DEFAULT_SPLITS)
     bad = [n for n in names if n not in MBPP_SPLITS]
     if bad or not names:
-        raise DataError(f"dataset {spec!r}: unknown MBPP split {bad[0] if bad else ''!r}; use mbpp or mbpp:<split>+<split> "
-                        f"with splits {', '.join(MBPP_SPLITS)}")
+        raise DataError(
+            f"dataset {spec!r}: unknown MBPP split {bad[0] if bad else ''!r}; use mbpp or mbpp:<split>+<split> "
+            f"with splits {', '.join(MBPP_SPLITS)}"
+        )
     return tuple(n for n in MBPP_SPLITS if n in names)
 
 
@@ -290,8 +303,11 @@ def load_mbpp(spec: str = "mbpp", limit: int | None = None) -> list[Example]:
         number = row.get("task_id")
         if not isinstance(number, int) or isinstance(number, bool):
             raise DataError(f"{path}:{lineno}: 'task_id' must be an integer, got {number!r}")
-        if f"Mbpp/{number}" in held_out or number in MBPP_NEAR_DUPLICATES or not any(
-                lo <= number <= hi for lo, hi in (MBPP_SPLITS[s] for s in splits)):
+        if (
+            f"Mbpp/{number}" in held_out
+            or number in MBPP_NEAR_DUPLICATES
+            or not any(lo <= number <= hi for lo, hi in (MBPP_SPLITS[s] for s in splits))
+        ):
             continue
         if not _is_code_row(row) or "text" not in row:
             raise DataError(f"{path}:{lineno}: not an MBPP row (needs 'text', 'test_list' and 'code')")

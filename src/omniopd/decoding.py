@@ -49,12 +49,31 @@ CACHE_BUCKET = 256  # static cache lengths are rounded up to a multiple of this 
 # Generation-config keys a checkpoint may set that add no logits processor (transformers fills every key our
 # own config leaves unset from the checkpoint's generation_config; any other key could shape the logits
 # before RawTokenStats sees them).
-_NEUTRAL_KEYS = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "output_attentions",
-    "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate", "transformers_version",
-    "_from_model_config", "do_sample", "temperature", "top_k", "top_p", "max_length", "max_new_tokens",
-    "num_return_sequences", "cache_implementation", "num_beams",
-})
+_NEUTRAL_KEYS = frozenset(
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+        "transformers_version",
+        "_from_model_config",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "max_length",
+        "max_new_tokens",
+        "num_return_sequences",
+        "cache_implementation",
+        "num_beams",
+    }
+)
 
 
 @dataclass
@@ -107,8 +126,11 @@ def use_compiled(model, mode: str) -> bool:
     if st.disabled is None:
         st.disabled = _unavailable(model)
         if st.disabled is not None:
-            log.warning("compiled decoding is unavailable for %s (%s); decoding on the plain path",
-                        type(model).__name__, st.disabled)
+            log.warning(
+                "compiled decoding is unavailable for %s (%s); decoding on the plain path",
+                type(model).__name__,
+                st.disabled,
+            )
     return st.disabled is None
 
 
@@ -155,8 +177,9 @@ def compiled_config(model, gen: GenerationConfig, prompt_len: int, *, own_cache:
     return out
 
 
-def with_fallback(model, compiled: Callable[[], Tensor], plain: Callable[[], Tensor],
-                  processors: LogitsProcessorList | None = None) -> Tensor:
+def with_fallback(
+    model, compiled: Callable[[], Tensor], plain: Callable[[], Tensor], processors: LogitsProcessorList | None = None
+) -> Tensor:
     """``compiled()``, timing its compilation; if it raises, ``plain()`` from the same random state (the
     processors reset) and the model stays on the plain path. Both must decode the same batch."""
     st = _state(model)
@@ -169,8 +192,11 @@ def with_fallback(model, compiled: Callable[[], Tensor], plain: Callable[[], Ten
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the plain path
         first = (str(err).strip().splitlines() or [""])[0][:200]
         st.disabled = f"{type(err).__name__}: {first}"
-        log.warning("compiled decoding failed for %s (%s); decoding on the plain path from here on",
-                    type(model).__name__, st.disabled)
+        log.warning(
+            "compiled decoding failed for %s (%s); decoding on the plain path from here on",
+            type(model).__name__,
+            st.disabled,
+        )
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)
@@ -181,28 +207,42 @@ def with_fallback(model, compiled: Callable[[], Tensor], plain: Callable[[], Ten
     spent = _compile_clock() - t0
     if spent > 0:
         st.compile_s += spent
-        log.info("compiled decoding for %s: compiled in %.1f s (%.1f s in all)", type(model).__name__, spent, st.compile_s)
+        log.info(
+            "compiled decoding for %s: compiled in %.1f s (%.1f s in all)", type(model).__name__, spent, st.compile_s
+        )
     elif not st.noted:
         log.info("compiled decoding for %s: reusing compiled graphs", type(model).__name__)
     st.noted = True
     return out
 
 
-def generate(model, input_ids: Tensor, attention_mask: Tensor, gen: GenerationConfig, *, compile: str = "off",
-             logits_processor: LogitsProcessorList | None = None) -> Tensor:
+def generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    gen: GenerationConfig,
+    *,
+    compile: str = "off",
+    logits_processor: LogitsProcessorList | None = None,
+) -> Tensor:
     """``model.generate`` on the path ``compile`` selects (see the module docstring)."""
 
     def plain() -> Tensor:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
-                              logits_processor=logits_processor)
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=gen, logits_processor=logits_processor
+        )
 
     if not use_compiled(model, compile):
         return plain()
     cgen = compiled_config(model, gen, input_ids.shape[1], own_cache=False)
 
     def compiled() -> Tensor:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=cgen,
-                              logits_processor=logits_processor)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=cgen,
+            logits_processor=logits_processor,
+        )
 
     return with_fallback(model, compiled, plain, logits_processor)
 
@@ -213,7 +253,11 @@ def to_static_cache(model, cache, repeat: int, max_cache_len: int) -> StaticCach
     recurrent state): then the caller keeps its dynamic cache."""
     static = StaticCache(config=model.config, max_cache_len=max_cache_len)
     layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) != len(static.layers) or any(type(lay) is not StaticLayer for lay in static.layers):
+    if (
+        layers is None
+        or len(layers) != len(static.layers)
+        or any(type(lay) is not StaticLayer for lay in static.layers)
+    ):
         return None
     for i, layer in enumerate(layers):
         static.update(layer.keys.repeat_interleave(repeat, 0), layer.values.repeat_interleave(repeat, 0), i)

@@ -17,9 +17,20 @@ import math
 
 # per-rank counts whose global value is their sum
 SUM_KEYS = {
-    "audit/chunks", "audit/skipped_short", "teacher/tokens", "teacher/tokens_in", "teacher/tokens_out",
-    "teacher/requests", "teacher/failed_chunks", "rollout/trajectories", "tokens/response", "tokens/target",
-    "sft/target_tokens", "teacher/cached_tokens", "teacher/cache_write_tokens", "teacher/cost_usd",
+    "audit/chunks",
+    "audit/skipped_short",
+    "teacher/tokens",
+    "teacher/tokens_in",
+    "teacher/tokens_out",
+    "teacher/requests",
+    "teacher/failed_chunks",
+    "rollout/trajectories",
+    "tokens/response",
+    "tokens/target",
+    "sft/target_tokens",
+    "teacher/cached_tokens",
+    "teacher/cache_write_tokens",
+    "teacher/cost_usd",
 }
 
 
@@ -43,7 +54,8 @@ def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
             # chunk-weighted mean of the ranks' percentiles, an approximation); the rest by rank
             pairs = [
                 (float(m[key]), float(m.get("audit/chunks", 1.0)) if key.startswith("audit/") else 1.0)
-                for m in per_rank if key in m and isinstance(m[key], (int, float)) and math.isfinite(m[key])
+                for m in per_rank
+                if key in m and isinstance(m[key], (int, float)) and math.isfinite(m[key])
             ]
             total = sum(w for _, w in pairs)
             if total <= 0:  # e.g. no rank audited a chunk: plain mean

@@ -51,8 +51,15 @@ from omniopd.teachers.prompt_cache import (
 )
 
 #: the paper's setting (``--paper``); task and answer lengths are the synthetic prefixes' (see the docstring)
-PAPER = {"dataset_prompts": 17_000, "samples_per_prompt": 8, "chunk_tokens": 50, "num_chunks": 10,
-         "teacher_samples": 10, "task_tokens": 200, "response_tokens": 1_660}
+PAPER = {
+    "dataset_prompts": 17_000,
+    "samples_per_prompt": 8,
+    "chunk_tokens": 50,
+    "num_chunks": 10,
+    "teacher_samples": 10,
+    "task_tokens": 200,
+    "response_tokens": 1_660,
+}
 PAPER_TEACHER = {"type": "anthropic", "model": "claude-haiku-4-5"}  # when the recipe's teacher is not an API
 
 
@@ -199,20 +206,40 @@ def rollout_calls(cfg: RunConfig, prompts: int) -> tuple[list, int]:
     for step in range(max(1, math.ceil(prompts / cfg.optim.prompts_per_step))):
         examples = stream.next_batch()
         prompts_text = chat_prompts(tok, [student_messages(e.question, e.instruction) for e in examples])
-        ro = sample_rollouts(model, tok, prompts_text,
-                             samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
-                             temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size)
+        ro = sample_rollouts(
+            model,
+            tok,
+            prompts_text,
+            samples_per_prompt=r.samples_per_prompt,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            batch_size=r.batch_size,
+        )
         stats = (ro.entropy, ro.logprobs) if ro.entropy is not None and ro.logprobs is not None else None
-        run_audit(step=step + 1, model=model, tokenizer=tok, batch=ro.batch, lengths=ro.lengths,
-                  examples=[examples[i] for i in ro.example_index], teacher=recorder, audit_cfg=audit_cfg,
-                  teacher_cfg=cfg.teacher, seed=cfg.seed, micro_batch_size=cfg.optim.micro_batch_size,
-                  slice_size=cfg.loss.slice_size, record_trajectories=0, token_stats=stats)
+        run_audit(
+            step=step + 1,
+            model=model,
+            tokenizer=tok,
+            batch=ro.batch,
+            lengths=ro.lengths,
+            examples=[examples[i] for i in ro.example_index],
+            teacher=recorder,
+            audit_cfg=audit_cfg,
+            teacher_cfg=cfg.teacher,
+            seed=cfg.seed,
+            micro_batch_size=cfg.optim.micro_batch_size,
+            slice_size=cfg.loss.slice_size,
+            record_trajectories=0,
+            token_stats=stats,
+        )
         sampled += len(examples)
     return recorder.calls, sampled
 
 
-def paper_calls(samples: int, M: int, N: int, C: int, task_tokens: int, response_tokens: int, max_new_tokens: int,
-                seed: int = 0) -> list:
+def paper_calls(
+    samples: int, M: int, N: int, C: int, task_tokens: int, response_tokens: int, max_new_tokens: int, seed: int = 0
+) -> list:
     """One prompt's audit batch in the paper's shapes: ``samples`` trajectories of a synthetic answer of
     ``response_tokens`` (4 letters each, distinct per trajectory) with ``M`` anchors evenly spread."""
     rng = random.Random(seed)
@@ -223,8 +250,9 @@ def paper_calls(samples: int, M: int, N: int, C: int, task_tokens: int, response
         answer = letters(4 * response_tokens)
         for j in range(M):
             start = (2 * j + 1) * response_tokens // (2 * M)  # anchor j at the middle of the j-th M-th
-            requests.append(ContinuationRequest(question=question, prefix=answer[: 4 * start], trajectory=b,
-                                                instruction=""))
+            requests.append(
+                ContinuationRequest(question=question, prefix=answer[: 4 * start], trajectory=b, instruction="")
+            )
     return [(requests, SamplingSpec(n=N, max_new_tokens=max_new_tokens or C, seed=seed))]
 
 
@@ -252,25 +280,39 @@ def estimate(cfg: RunConfig, *, prompts: int | None = None, paper: bool = False)
         data = cfg.model_dump(mode="json")
         if cfg.teacher.type not in API_TEACHER_TYPES:
             data["teacher"] = dict(PAPER_TEACHER)
-            notes.append(f"the recipe's teacher is {cfg.teacher.type}: priced as {PAPER_TEACHER['type']} "
-                         f"{PAPER_TEACHER['model']}")
-        data["audit"].update(chunk_tokens=PAPER["chunk_tokens"], num_chunks=PAPER["num_chunks"],
-                             teacher_samples=PAPER["teacher_samples"])
+            notes.append(
+                f"the recipe's teacher is {cfg.teacher.type}: priced as {PAPER_TEACHER['type']} "
+                f"{PAPER_TEACHER['model']}"
+            )
+        data["audit"].update(
+            chunk_tokens=PAPER["chunk_tokens"], num_chunks=PAPER["num_chunks"], teacher_samples=PAPER["teacher_samples"]
+        )
         data["rollout"]["samples_per_prompt"] = PAPER["samples_per_prompt"]
         cfg = build_config(data)
     if cfg.teacher.type not in API_TEACHER_TYPES:
-        raise ConfigError(f"omniopd estimate prices an API teacher, and teacher.type={cfg.teacher.type} runs in "
-                          "process; add e.g. teacher.type=anthropic teacher.model=claude-haiku-4-5")
+        raise ConfigError(
+            f"omniopd estimate prices an API teacher, and teacher.type={cfg.teacher.type} runs in "
+            "process; add e.g. teacher.type=anthropic teacher.model=claude-haiku-4-5"
+        )
     a = cfg.audit
     if a.adaptive_n:
         notes.append("audit.adaptive_n: estimated at its ceiling (N samples for every chunk)")
     if paper:
-        calls = paper_calls(PAPER["samples_per_prompt"], a.num_chunks, a.teacher_samples, a.chunk_tokens,
-                            PAPER["task_tokens"], PAPER["response_tokens"],
-                            cfg.teacher.max_new_tokens or a.chunk_tokens, seed=cfg.seed)
+        calls = paper_calls(
+            PAPER["samples_per_prompt"],
+            a.num_chunks,
+            a.teacher_samples,
+            a.chunk_tokens,
+            PAPER["task_tokens"],
+            PAPER["response_tokens"],
+            cfg.teacher.max_new_tokens or a.chunk_tokens,
+            seed=cfg.seed,
+        )
         sampled, dataset = 1, PAPER["dataset_prompts"]
-        source = (f"synthetic prefixes: task {PAPER['task_tokens']} tokens, answer {PAPER['response_tokens']} tokens, "
-                  f"{a.num_chunks} anchors evenly spread")
+        source = (
+            f"synthetic prefixes: task {PAPER['task_tokens']} tokens, answer {PAPER['response_tokens']} tokens, "
+            f"{a.num_chunks} anchors evenly spread"
+        )
     else:
         from omniopd.data import load_train_examples
 
@@ -283,10 +325,14 @@ def estimate(cfg: RunConfig, *, prompts: int | None = None, paper: bool = False)
         bills = {on: replay(teachers[on], calls, cached=on) for on in (False, True)}
         t = teachers[True]
         provider = PROVIDER_OF_BACKEND[t.backend]
-        prices = resolve_prices(t.model, provider, input=t.options.price_input_per_mtok,
-                                output=t.options.price_output_per_mtok,
-                                cached_input=t.options.price_cached_input_per_mtok,
-                                cache_write=t.options.price_cache_write_per_mtok)
+        prices = resolve_prices(
+            t.model,
+            provider,
+            input=t.options.price_input_per_mtok,
+            output=t.options.price_output_per_mtok,
+            cached_input=t.options.price_cached_input_per_mtok,
+            cache_write=t.options.price_cache_write_per_mtok,
+        )
         minimum = t.options.prompt_cache_min_tokens or min_cache_tokens(t.model, provider)
         name, dispatch, per_request = t.name, t.options.dispatch, t.max_n_per_request
     finally:
@@ -307,20 +353,33 @@ def estimate(cfg: RunConfig, *, prompts: int | None = None, paper: bool = False)
     rows = {"no_caching": row(bills[False]), "prompt_cache": row(bills[True])}
     off, on = rows["no_caching"]["per_epoch"]["cost_usd"], rows["prompt_cache"]["per_epoch"]["cost_usd"]
     return {
-        "teacher": name, "provider": provider, "dispatch": dispatch,
+        "teacher": name,
+        "provider": provider,
+        "dispatch": dispatch,
         "samples_per_request": per_request or a.teacher_samples,
-        "prices_usd_per_mtok": asdict(prices), "min_cache_tokens": minimum,
-        "setting": {"paper": paper, "source": source, "dataset_prompts": dataset,
-                    "prompts_per_step": cfg.optim.prompts_per_step,
-                    "steps_per_epoch": math.ceil(dataset / cfg.optim.prompts_per_step),
-                    "samples_per_prompt": cfg.rollout.samples_per_prompt, "chunk_tokens": a.chunk_tokens,
-                    "num_chunks": a.num_chunks, "teacher_samples": a.teacher_samples},
-        "measured": {"prompts": sampled, "chunks": chunks,
-                     "mean_chunk_prompt_tokens": chunk_prompt_tokens / chunks if chunks else 0.0},
+        "prices_usd_per_mtok": asdict(prices),
+        "min_cache_tokens": minimum,
+        "setting": {
+            "paper": paper,
+            "source": source,
+            "dataset_prompts": dataset,
+            "prompts_per_step": cfg.optim.prompts_per_step,
+            "steps_per_epoch": math.ceil(dataset / cfg.optim.prompts_per_step),
+            "samples_per_prompt": cfg.rollout.samples_per_prompt,
+            "chunk_tokens": a.chunk_tokens,
+            "num_chunks": a.num_chunks,
+            "teacher_samples": a.teacher_samples,
+        },
+        "measured": {
+            "prompts": sampled,
+            "chunks": chunks,
+            "mean_chunk_prompt_tokens": chunk_prompt_tokens / chunks if chunks else 0.0,
+        },
         # every chunk's prompt counted once (as where one request carries all N samples), per epoch
         "chunk_prompt_tokens_per_epoch": chunk_prompt_tokens * per_epoch,
-        "once_per_chunk_cost_usd": prices.cost_usd(chunk_prompt_tokens * per_epoch,
-                                                   rows["no_caching"]["per_epoch"]["completion_tokens"]),
+        "once_per_chunk_cost_usd": prices.cost_usd(
+            chunk_prompt_tokens * per_epoch, rows["no_caching"]["per_epoch"]["completion_tokens"]
+        ),
         "rows": rows,
         "saving_frac": 1.0 - on / off if off > 0 else 0.0,
         "notes": notes,
@@ -375,12 +434,23 @@ def format_estimate(report: dict[str, Any]) -> str:
                 f"{_num(r['prompt_tokens']):>12}{_num(r['cached_tokens']):>11}{_num(r['cache_write_tokens']):>11}"
                 f"{_num(r['completion_tokens']):>11}{_usd(r['cost_usd']):>12}"
             )
-    lines.append(f"  prompt caching saves {100 * report['saving_frac']:.1f}% of the dollars; with every chunk's prompt "
-                 f"billed once (one request for all N samples) and no caching an epoch would cost "
-                 f"{_usd(report['once_per_chunk_cost_usd'])}")
+    lines.append(
+        f"  prompt caching saves {100 * report['saving_frac']:.1f}% of the dollars; with every chunk's prompt "
+        f"billed once (one request for all N samples) and no caching an epoch would cost "
+        f"{_usd(report['once_per_chunk_cost_usd'])}"
+    )
     lines += [f"  note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
 
-__all__ = ["PAPER", "Bill", "RecordingTeacher", "dispatch_waves", "estimate", "format_estimate", "paper_calls",
-           "replay", "rollout_calls"]
+__all__ = [
+    "PAPER",
+    "Bill",
+    "RecordingTeacher",
+    "dispatch_waves",
+    "estimate",
+    "format_estimate",
+    "paper_calls",
+    "replay",
+    "rollout_calls",
+]

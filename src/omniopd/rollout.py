@@ -66,14 +66,33 @@ def chat_prompts(tokenizer, messages_list: list[list[dict[str, str]]]) -> list[s
 
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-    n: int = 1, batch_size: int = 16, progress=None, compile: str = "off",
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    n: int = 1,
+    batch_size: int = 16,
+    progress=None,
+    compile: str = "off",
 ) -> tuple[list[list[int]], list[bool]]:
     """Sample ``n`` responses per prompt. Returns response token ids (EOS kept, padding removed) and EOS flags,
     ordered prompt-major (all samples of prompt 0, then prompt 1, ...)."""
-    responses, finished, _ = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, n=n, batch_size=batch_size, progress=progress, compile=compile,
-                                       record_stats=False)
+    responses, finished, _ = _generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        n=n,
+        batch_size=batch_size,
+        progress=progress,
+        compile=compile,
+        record_stats=False,
+    )
     return responses, finished
 
 
@@ -81,8 +100,18 @@ _warned: set[tuple[str, ...]] = set()
 
 
 def _generate(
-    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, n: int,
-    batch_size: int, progress, compile: str, record_stats: bool,
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    n: int,
+    batch_size: int,
+    progress,
+    compile: str,
+    record_stats: bool,
 ) -> tuple[list[list[int]], list[bool], list[tuple[torch.Tensor, torch.Tensor]] | None]:
     """:func:`generate_texts`, and with ``record_stats`` each response's (entropy, log p) over its tokens
     (None when the checkpoint's own logits processors would come first, see the module docstring)."""
@@ -91,8 +120,11 @@ def _generate(
     if record_stats and (inherited := tuple(decoding.inherited_processors(model))):
         if inherited not in _warned:
             _warned.add(inherited)
-            log.warning("the student's generation config sets %s: entropy and log-probs are computed by a second "
-                        "forward, not while sampling", ", ".join(inherited))
+            log.warning(
+                "the student's generation config sets %s: entropy and log-probs are computed by a second "
+                "forward, not while sampling",
+                ", ".join(inherited),
+            )
         record_stats = False
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -101,13 +133,16 @@ def _generate(
     finished: list[bool] = []
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(0, len(prompts), per_call):
-        enc = tokenizer(prompts[i : i + per_call], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(prompts[i : i + per_call], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         if record_stats:
             call_gen, procs, recorder = decoding.raw_stats_sampling(gen)
         else:
             call_gen, procs, recorder = gen, None, None
-        out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], call_gen, compile=compile,
-                                logits_processor=procs)
+        out = decoding.generate(
+            model, enc["input_ids"], enc["attention_mask"], call_gen, compile=compile, logits_processor=procs
+        )
         new = out[:, enc["input_ids"].shape[1] :]
         recorded = recorder.result(new) if recorder is not None else None  # (entropy, log p), each (B, T)
         for r, row in enumerate(new.tolist()):
@@ -142,12 +177,31 @@ def pack(tokenizer, prompts: list[str], responses: list[list[int]], pad_id: int)
     return SequenceBatch(input_ids=ids, attention_mask=att, prompt_len=P, response_ids=ids[:, P:], response_mask=rmask)
 
 
-def sample_rollouts(model, tokenizer, prompts: list[str], *, samples_per_prompt: int, max_new_tokens: int,
-                    temperature: float, top_p: float, batch_size: int, compile: str = "off") -> Rollouts:
+def sample_rollouts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    compile: str = "off",
+) -> Rollouts:
     compiled_before = decoding.compile_seconds(model)
     responses, finished, stats = _generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        n=samples_per_prompt, batch_size=batch_size, progress=None, compile=compile, record_stats=True,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        n=samples_per_prompt,
+        batch_size=batch_size,
+        progress=None,
+        compile=compile,
+        record_stats=True,
     )
     example_index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
     expanded = [prompts[i] for i in example_index]
@@ -159,6 +213,12 @@ def sample_rollouts(model, tokenizer, prompts: list[str], *, samples_per_prompt:
         for b, (ent, logp) in enumerate(stats):
             entropy[b, : len(ent)] = ent
             logprobs[b, : len(logp)] = logp
-    return Rollouts(batch=batch, example_index=example_index, lengths=[len(r) for r in responses], finished=finished,
-                    entropy=entropy, logprobs=logprobs,
-                    metrics={"time/compile_s": decoding.compile_seconds(model) - compiled_before})
+    return Rollouts(
+        batch=batch,
+        example_index=example_index,
+        lengths=[len(r) for r in responses],
+        finished=finished,
+        entropy=entropy,
+        logprobs=logprobs,
+        metrics={"time/compile_s": decoding.compile_seconds(model) - compiled_before},
+    )

@@ -120,8 +120,15 @@ def response_token_stats(model, batch, *, ref_model=None, want_entropy: bool = F
         if ref_model is not None:
             with torch.no_grad():
                 ref_hidden, ref_head = response_hidden(ref_model, batch)
-        s = token_stats(hidden, head, batch.response_ids, ref_hidden=ref_hidden, ref_head=ref_head,
-                        want_entropy=want_entropy, slice_size=slice_size)
+        s = token_stats(
+            hidden,
+            head,
+            batch.response_ids,
+            ref_hidden=ref_hidden,
+            ref_head=ref_head,
+            want_entropy=want_entropy,
+            slice_size=slice_size,
+        )
         return s.logprobs, s.entropy, s.kl_ref_to_student
 
     return TokenStats(*in_forward(model, compute))
@@ -235,8 +242,9 @@ def train_state_dict(model, optimizer) -> dict:
 def set_train_state_dict(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options())
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options()
+    )
 
 
 def gathered_state_dict(model) -> dict:
@@ -259,5 +267,7 @@ def whole_model(cfg, state_dict: dict):
         model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RuntimeError(
+            f"gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval()

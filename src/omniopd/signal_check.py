@@ -50,9 +50,17 @@ def _control_teacher(cfg: RunConfig, teacher):
         from omniopd.teachers.local import LocalTeacher
 
         t = cfg.teacher
-        return LocalTeacher(teacher.model, teacher.tokenizer, t.model or cfg.student.name, privileged=False,
-                            batch_size=t.batch_size, reuse_prefix=t.reuse_prefix)
-    if isinstance(cfg.teacher, APITeacherConfig) and cfg.teacher.privileged:  # an API teacher shown the reference: ask it again without
+        return LocalTeacher(
+            teacher.model,
+            teacher.tokenizer,
+            t.model or cfg.student.name,
+            privileged=False,
+            batch_size=t.batch_size,
+            reuse_prefix=t.reuse_prefix,
+        )
+    if (
+        isinstance(cfg.teacher, APITeacherConfig) and cfg.teacher.privileged
+    ):  # an API teacher shown the reference: ask it again without
         data = cfg.model_dump(mode="json")
         data["teacher"]["privileged"] = False
         return build_teacher(build_config(data))
@@ -63,7 +71,13 @@ def _chunks(audit, step: int) -> list[dict]:
     out = []
     for rec in audit.records:
         for ch in rec["chunks"]:
-            out.append({"key": (step, rec["trajectory"], ch["start"]), "student": ch["student_text"], "continuations": ch["continuations"]})
+            out.append(
+                {
+                    "key": (step, rec["trajectory"], ch["start"]),
+                    "student": ch["student_text"],
+                    "continuations": ch["continuations"],
+                }
+            )
     return out
 
 
@@ -81,7 +95,9 @@ def _verdict(phi: str, N: int, r: dict, privileged: bool) -> list[str]:
     lines = []
     d, se = r["teacher_minus_shuffled"], r["teacher_minus_shuffled_se"]
     if d is None or se is None:
-        lines.append(f"phi={phi}: too few audited chunks ({r['chunks']}) from more than one trajectory to judge; run more steps")
+        lines.append(
+            f"phi={phi}: too few audited chunks ({r['chunks']}) from more than one trajectory to judge; run more steps"
+        )
     elif d <= 2 * se:
         lines.append(
             f"phi={phi}: this teacher/phi pair carries no teacher information: k_sem with the teacher's continuations "
@@ -123,7 +139,9 @@ def _self_teacher(cfg: RunConfig, model, tok):
 
     # an in-process teacher's own settings (the WHITE_BOX_TEACHER_TYPES); an API teacher: the in-process defaults
     local = t if isinstance(t, (LocalTeacherConfig, PrivilegedTeacherConfig)) else LocalTeacherConfig()
-    return LocalTeacher(model, tok, cfg.student.name, privileged=False, batch_size=local.batch_size, reuse_prefix=local.reuse_prefix)
+    return LocalTeacher(
+        model, tok, cfg.student.name, privileged=False, batch_size=local.batch_size, reuse_prefix=local.reuse_prefix
+    )
 
 
 def _self_verdict(phi: str, N: int, r: dict, have_self: bool) -> list[str]:
@@ -131,17 +149,24 @@ def _self_verdict(phi: str, N: int, r: dict, have_self: bool) -> list[str]:
         return []
     d, se, corr = r["relative_minus_shuffled"], r["relative_minus_shuffled_se"], r["pearson_teacher_self"]
     corr_text = "n/a" if corr is None else f"{corr:.2f}"
-    head = (f"phi={phi}: the student's own continuations score {r['self_k_sem']:.3f} of N={N} against the teacher's "
-            f"{r['teacher_k_sem']:.3f} (teacher minus self {r['teacher_minus_self']:+.3f}; per-chunk correlation {corr_text})"
-            if r["self_k_sem"] is not None else f"phi={phi}: no chunk with the student's own continuations")
+    head = (
+        f"phi={phi}: the student's own continuations score {r['self_k_sem']:.3f} of N={N} against the teacher's "
+        f"{r['teacher_k_sem']:.3f} (teacher minus self {r['teacher_minus_self']:+.3f}; per-chunk correlation {corr_text})"
+        if r["self_k_sem"] is not None
+        else f"phi={phi}: no chunk with the student's own continuations"
+    )
     if d is None or se is None:
         return [head + "; too few chunks to judge the relative score"]
     if d <= 2 * se:
-        return [head + f"; the relative score (teacher minus self) does not point at its own chunk more than at another "
-                       f"trajectory's ({d:+.3f}, 2 standard errors {2 * se:.3f})."]
-    return [head + f"; the relative score (teacher minus self) points at its own chunk more than at another trajectory's "
-                   f"by {d:+.3f} (2 standard errors {2 * se:.3f}): where the teacher agrees more than the student agrees "
-                   "with itself is specific to the chunk."]
+        return [
+            head + f"; the relative score (teacher minus self) does not point at its own chunk more than at another "
+            f"trajectory's ({d:+.3f}, 2 standard errors {2 * se:.3f})."
+        ]
+    return [
+        head + f"; the relative score (teacher minus self) points at its own chunk more than at another trajectory's "
+        f"by {d:+.3f} (2 standard errors {2 * se:.3f}): where the teacher agrees more than the student agrees "
+        "with itself is specific to the chunk."
+    ]
 
 
 def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None = None) -> dict:
@@ -170,13 +195,31 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None =
         for step in range(steps):
             examples = stream.next_batch()
             prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
-            ro = sample_rollouts(model, tok, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
-                                 temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size)
+            ro = sample_rollouts(
+                model,
+                tok,
+                prompts,
+                samples_per_prompt=r.samples_per_prompt,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                batch_size=r.batch_size,
+            )
             traj_examples = [examples[i] for i in ro.example_index]
-            common = dict(step=step, model=model, tokenizer=tok, batch=ro.batch, lengths=ro.lengths, examples=traj_examples,
-                          audit_cfg=audit_cfg, teacher_cfg=cfg.teacher, seed=cfg.seed,
-                          micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
-                          record_trajectories=len(ro.lengths))
+            common = dict(
+                step=step,
+                model=model,
+                tokenizer=tok,
+                batch=ro.batch,
+                lengths=ro.lengths,
+                examples=traj_examples,
+                audit_cfg=audit_cfg,
+                teacher_cfg=cfg.teacher,
+                seed=cfg.seed,
+                micro_batch_size=cfg.optim.micro_batch_size,
+                slice_size=cfg.loss.slice_size,
+                record_trajectories=len(ro.lengths),
+            )
             chunks += _chunks(run_audit(teacher=teacher, **common), step)
             if control is not None:
                 for ch in _chunks(run_audit(teacher=control, **common), step):
@@ -195,8 +238,10 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None =
     partners = _shuffled_partner(keys)
     results = {}
     for name, (phi, prime) in resolved.items():
-        prime([t for c in chunks for t in (c["student"], *c["continuations"])]
-              + [t for d in (ctrl_by_key, self_by_key) for v in d.values() for t in v])
+        prime(
+            [t for c in chunks for t in (c["student"], *c["continuations"])]
+            + [t for d in (ctrl_by_key, self_by_key) for v in d.values() for t in v]
+        )
         k_t = [sum(phi(c["student"], x) for x in c["continuations"]) for c in chunks]
         pairs = [(j, p) for j, p in enumerate(partners) if p is not None]
         k_s = [sum(phi(chunks[p]["student"], x) for x in chunks[j]["continuations"]) for j, p in pairs]
@@ -205,8 +250,13 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None =
         k_np = [sum(phi(chunks[j]["student"], x) for x in ctrl_by_key[chunks[j]["key"]]) for j in both]
         d_np = [k_t[j] - kn for j, kn in zip(both, k_np, strict=True)]
         res: dict[str, Any] = {"chunks": len(chunks)}
-        for label, xs in (("teacher_k_sem", k_t), ("shuffled_k_sem", k_s), ("no_privilege_k_sem", k_np),
-                          ("teacher_minus_shuffled", d_s), ("teacher_minus_no_privilege", d_np)):
+        for label, xs in (
+            ("teacher_k_sem", k_t),
+            ("shuffled_k_sem", k_s),
+            ("no_privilege_k_sem", k_np),
+            ("teacher_minus_shuffled", d_s),
+            ("teacher_minus_no_privilege", d_np),
+        ):
             res[label], res[label + "_se"] = mean_se(xs)
         res["pearson_teacher_no_privilege"] = pearson([k_t[j] for j in both], k_np)
         # the student's own continuations: the same chunk, and the shuffled partner chunk
@@ -216,15 +266,24 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None =
         rel_shuffled = [
             sum(phi(chunks[p]["student"], x) for x in chunks[j]["continuations"])
             - sum(phi(chunks[p]["student"], x) for x in self_by_key[chunks[j]["key"]])
-            for j, p in own if p is not None
+            for j, p in own
+            if p is not None
         ]
-        rel_paired = [rel[i] - rs for i, rs in zip([i for i, (_, p) in enumerate(own) if p is not None], rel_shuffled, strict=True)]
-        for label, xs in (("self_k_sem", k_self), ("teacher_minus_self", rel), ("relative_shuffled", rel_shuffled),
-                          ("relative_minus_shuffled", rel_paired)):
+        rel_paired = [
+            rel[i] - rs
+            for i, rs in zip([i for i, (_, p) in enumerate(own) if p is not None], rel_shuffled, strict=True)
+        ]
+        for label, xs in (
+            ("self_k_sem", k_self),
+            ("teacher_minus_self", rel),
+            ("relative_shuffled", rel_shuffled),
+            ("relative_minus_shuffled", rel_paired),
+        ):
             res[label], res[label + "_se"] = mean_se(xs)
         res["pearson_teacher_self"] = pearson([k_t[j] for j, _ in own], k_self)
         res["no_teacher_information"] = (
-            None if res["teacher_minus_shuffled"] is None or res["teacher_minus_shuffled_se"] is None
+            None
+            if res["teacher_minus_shuffled"] is None or res["teacher_minus_shuffled_se"] is None
             else res["teacher_minus_shuffled"] <= 2 * res["teacher_minus_shuffled_se"]
         )
         res["verdict"] = _verdict(name, N, res, control is not None) + _self_verdict(name, N, res, bool(self_by_key))
@@ -247,9 +306,11 @@ def format_signal(report: dict) -> str:
             return "n/a"
         return f"{x:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
-    lines = [f"signal check: teacher {report['teacher']}, control {report['control_teacher'] or 'none (not a privileged teacher)'}, "
-             f"student self {report.get('self_teacher') or 'none (the teacher is the student)'}, "
-             f"{report['trajectories']} trajectories, C={report['chunk_tokens']}, N={report['teacher_samples']} (k_sem mean ± standard error)"]
+    lines = [
+        f"signal check: teacher {report['teacher']}, control {report['control_teacher'] or 'none (not a privileged teacher)'}, "
+        f"student self {report.get('self_teacher') or 'none (the teacher is the student)'}, "
+        f"{report['trajectories']} trajectories, C={report['chunk_tokens']}, N={report['teacher_samples']} (k_sem mean ± standard error)"
+    ]
     for name, r in report["phis"].items():
         lines.append(
             f"  phi={name}: chunks {r['chunks']}  teacher {f(r['teacher_k_sem'], r['teacher_k_sem_se'])}  "

@@ -77,8 +77,10 @@ class RuntimeOptions(Section):
     @model_validator(mode="after")
     def _concurrency_range(self) -> RuntimeOptions:
         if self.min_concurrency > self.max_concurrency:
-            raise ValueError(f"teacher.min_concurrency: must be <= teacher.max_concurrency ({self.max_concurrency}), "
-                             f"got {self.min_concurrency}")
+            raise ValueError(
+                f"teacher.min_concurrency: must be <= teacher.max_concurrency ({self.max_concurrency}), "
+                f"got {self.min_concurrency}"
+            )
         return self
 
 
@@ -140,8 +142,10 @@ class APITeacherConfig(RuntimeOptions, _TeacherBase):
         if not self.model:
             raise ValueError(f"teacher.model: required for teacher.type={self.type} (the model name the API serves)")
         if not self.prompt_cache and self.type != "anthropic":  # only the Anthropic backend shapes its requests
-            raise ValueError(f"teacher.prompt_cache: teacher.type={self.type} caches prompts on the provider's side by "
-                             "itself, which a client cannot switch off; only teacher.type=anthropic reads this key")
+            raise ValueError(
+                f"teacher.prompt_cache: teacher.type={self.type} caches prompts on the provider's side by "
+                "itself, which a client cannot switch off; only teacher.type=anthropic reads this key"
+            )
         return self
 
 
@@ -195,8 +199,14 @@ class GeminiTeacherConfig(APITeacherConfig):
 
 TEACHER_CLASSES: dict[str, type[_TeacherBase]] = {
     cls.model_fields["type"].default: cls
-    for cls in (LocalTeacherConfig, PrivilegedTeacherConfig, OpenAICompletionsTeacherConfig, OpenAIChatTeacherConfig,
-                AnthropicTeacherConfig, GeminiTeacherConfig)
+    for cls in (
+        LocalTeacherConfig,
+        PrivilegedTeacherConfig,
+        OpenAICompletionsTeacherConfig,
+        OpenAIChatTeacherConfig,
+        AnthropicTeacherConfig,
+        GeminiTeacherConfig,
+    )
 }
 TEACHER_TYPES = tuple(TEACHER_CLASSES)
 API_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, APITeacherConfig))
@@ -225,7 +235,9 @@ def check_keys(data: Any) -> Any:
             first = next(iter(inner), None) if isinstance(inner, dict) else None
             if first is not None:
                 raise ValueError(f"teacher.options was removed: teacher.options.{first} is now teacher.{first}")
-            raise ValueError("teacher.options was removed: set each option directly under teacher (e.g. teacher.backoff_base_s)")
+            raise ValueError(
+                "teacher.options was removed: set each option directly under teacher (e.g. teacher.backoff_base_s)"
+            )
         if key in RENAMED:
             raise ValueError(f"teacher.{key} was renamed to teacher.{RENAMED[key]}")
         if key in _ALL_FIELDS and key not in fields:
@@ -234,8 +246,12 @@ def check_keys(data: Any) -> Any:
 
 
 TeacherConfig = Annotated[
-    LocalTeacherConfig | PrivilegedTeacherConfig | OpenAICompletionsTeacherConfig | OpenAIChatTeacherConfig
-    | AnthropicTeacherConfig | GeminiTeacherConfig,
+    LocalTeacherConfig
+    | PrivilegedTeacherConfig
+    | OpenAICompletionsTeacherConfig
+    | OpenAIChatTeacherConfig
+    | AnthropicTeacherConfig
+    | GeminiTeacherConfig,
     Field(discriminator="type"),
     BeforeValidator(check_keys),
 ]
@@ -254,8 +270,13 @@ def switch_type(before: Any, after: Any, written: set[str]) -> Any:
     dropped = [k for k in after if k not in written and k in old_fields and k not in new_fields]
     if not dropped:
         return after
-    log.warning("teacher.type=%s (was %s): dropping %s, not used by teacher.type=%s",
-                new, old, ", ".join(f"teacher.{k}" for k in dropped), new)
+    log.warning(
+        "teacher.type=%s (was %s): dropping %s, not used by teacher.type=%s",
+        new,
+        old,
+        ", ".join(f"teacher.{k}" for k in dropped),
+        new,
+    )
     return {k: v for k, v in after.items() if k not in dropped}
 
 
@@ -285,11 +306,29 @@ _PRICE_KEYS = ("price_input_per_mtok", "price_output_per_mtok")  # now None by d
 # The flat layout every teacher type shared before the per-type classes, with its defaults. A cache key hashed
 # from a teacher config (the compare judge's) is computed in this layout, so results cached under it stay valid.
 _FLAT_LAYOUT: dict[str, Any] = {
-    "type": DEFAULT_TEACHER_TYPE, "model": None, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": None,
-    "batch_size": 32, "reuse_prefix": True, "share_prefixes": False, "dtype": "float32", "privileged": False,
-    "base_url": None, "api_key_env": None, "tokenizer": None, "max_concurrency": 16, "timeout_s": 120.0,
-    "max_retries": 5, "price_input_per_mtok": 0.0, "price_output_per_mtok": 0.0, "max_cost_usd": None,
-    "max_tokens": None, "cache": True, "cache_path": None, "options": {},
+    "type": DEFAULT_TEACHER_TYPE,
+    "model": None,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_new_tokens": None,
+    "batch_size": 32,
+    "reuse_prefix": True,
+    "share_prefixes": False,
+    "dtype": "float32",
+    "privileged": False,
+    "base_url": None,
+    "api_key_env": None,
+    "tokenizer": None,
+    "max_concurrency": 16,
+    "timeout_s": 120.0,
+    "max_retries": 5,
+    "price_input_per_mtok": 0.0,
+    "price_output_per_mtok": 0.0,
+    "max_cost_usd": None,
+    "max_tokens": None,
+    "cache": True,
+    "cache_path": None,
+    "options": {},
 }
 
 

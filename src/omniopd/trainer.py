@@ -76,7 +76,9 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         raise OmniOPDError(
             f"{out_dir} already holds a run (metrics.jsonl); resume it with --resume {out_dir}, choose another output_dir, or pass --overwrite"
         )
-    accelerator = Accelerator(cpu=not _has_accelerator_device())  # without one, launched processes join as MULTI_CPU (gloo)
+    accelerator = Accelerator(
+        cpu=not _has_accelerator_device()
+    )  # without one, launched processes join as MULTI_CPU (gloo)
     check_distributed(cfg, accelerator)
     check_pipeline(cfg, METHODS[cfg.method], accelerator.num_processes)
     set_seed(cfg.seed, device_specific=True)  # rank r samples with seed + r (rank 0: the one-process stream)
@@ -89,8 +91,12 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         from omniopd.sharding import prepare_sharded
 
         model, ref_model, teacher = prepare_sharded(
-            cfg, model, accelerator.device,
-            lambda whole: build_teacher(cfg, student=whole, student_tokenizer=tokenizer) if teacher_role else NoTeacher(),
+            cfg,
+            model,
+            accelerator.device,
+            lambda whole: (
+                build_teacher(cfg, student=whole, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
+            ),
         )
     elif cfg.lora.rank:
         from omniopd.lora import AdapterDisabled, apply_lora
@@ -108,7 +114,8 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=cfg.optim.betas,
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
     )
     warm = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -123,8 +130,20 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     from omniopd.loggers import MetricLoggers
 
     loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name) if main else None
-    state = TrainState(cfg, accelerator, model, ref_model, tokenizer, teacher, optimizer, scheduler, stream, out_dir, loggers,
-                       pipeline=make_pipeline(cfg, tokenizer))
+    state = TrainState(
+        cfg,
+        accelerator,
+        model,
+        ref_model,
+        tokenizer,
+        teacher,
+        optimizer,
+        scheduler,
+        stream,
+        out_dir,
+        loggers,
+        pipeline=make_pipeline(cfg, tokenizer),
+    )
     if resume_from is None:
         if main:
             for name in ("metrics.jsonl", "audits.jsonl"):
@@ -192,7 +211,9 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
 
     diffs = config_differences(normalized(saved_cfg), cfg.model_dump(mode="json"))
     if diffs:
-        raise OmniOPDError(f"checkpoint {ckpts[-1]} was written with a different config ({', '.join(diffs[:5])}); resume with the same recipe")
+        raise OmniOPDError(
+            f"checkpoint {ckpts[-1]} was written with a different config ({', '.join(diffs[:5])}); resume with the same recipe"
+        )
     if saved["step"] > cfg.max_steps:
         raise OmniOPDError(f"checkpoint is at step {saved['step']}, past max_steps={cfg.max_steps}")
     return ckpts[-1]
@@ -204,11 +225,19 @@ def restore(state: TrainState, ckpt: Path) -> None:
     acc = state.accelerator
     own_rng = False  # whether every rank got its own RNG states back
     if state.cfg.distributed.strategy == "fsdp2":
-        own_rng = load_sharded_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer,
-                                    scheduler=state.scheduler, rank=acc.process_index, world=acc.num_processes)
+        own_rng = load_sharded_into(
+            ckpt,
+            model=acc.unwrap_model(state.model),
+            optimizer=state.optimizer,
+            scheduler=state.scheduler,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
         if not own_rng and acc.is_main_process:
-            tqdm.write(f"omniopd: {ckpt} was written by {saved.get('world_size')} processes, resumed by "
-                       f"{acc.num_processes}: weights and optimizer state re-sharded, random streams new")
+            tqdm.write(
+                f"omniopd: {ckpt} was written by {saved.get('world_size')} processes, resumed by "
+                f"{acc.num_processes}: weights and optimizer state re-sharded, random streams new"
+            )
     else:
         load_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
     state.step = int(saved["step"])
@@ -246,11 +275,19 @@ def checkpoint(state: TrainState) -> Path | None:
     acc = state.accelerator
     if state.cfg.distributed.strategy == "fsdp2":
         path = save_sharded_checkpoint(
-            state.out_dir, state.step, model=acc.unwrap_model(state.model), tokenizer=state.tokenizer,
-            optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
+            state.out_dir,
+            state.step,
+            model=acc.unwrap_model(state.model),
+            tokenizer=state.tokenizer,
+            optimizer=state.optimizer,
+            scheduler=state.scheduler,
+            config_yaml=dump_config(state.cfg),
             trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-            keep_last=state.cfg.checkpoint.keep_last, rank=acc.process_index, world=acc.num_processes,
-            barrier=acc.wait_for_everyone, pipeline_state=state.pipeline.state_dict(),
+            keep_last=state.cfg.checkpoint.keep_last,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+            pipeline_state=state.pipeline.state_dict(),
         )
     elif acc.is_main_process:
         path = _save_checkpoint(state)
@@ -261,10 +298,16 @@ def checkpoint(state: TrainState) -> Path | None:
 
 def _save_checkpoint(state: TrainState) -> Path:
     return save_checkpoint(
-        state.out_dir, state.step, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
-        optimizer=state.optimizer, scheduler=state.scheduler, config_yaml=dump_config(state.cfg),
+        state.out_dir,
+        state.step,
+        model=state.accelerator.unwrap_model(state.model),
+        tokenizer=state.tokenizer,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        config_yaml=dump_config(state.cfg),
         trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-        keep_last=state.cfg.checkpoint.keep_last, pipeline_state=state.pipeline.state_dict(),
+        keep_last=state.cfg.checkpoint.keep_last,
+        pipeline_state=state.pipeline.state_dict(),
     )
 
 
@@ -302,7 +345,9 @@ def log_phase(state: TrainState, metrics: dict[str, float], records: list[dict])
                 fh.write(json.dumps(rec) + "\n")
 
 
-def gather_step(state: TrainState, metrics: dict[str, float], records: list[dict]) -> tuple[dict[str, float], list[dict]]:
+def gather_step(
+    state: TrainState, metrics: dict[str, float], records: list[dict]
+) -> tuple[dict[str, float], list[dict]]:
     """One process: as is. Several: every rank's metrics combined and every rank's audit records, in rank order."""
     acc = state.accelerator
     if acc.num_processes == 1:
@@ -346,20 +391,26 @@ def train_step(state: TrainState) -> dict[str, float]:
     lengths = rollouts.lengths
     # cumulative backend counters (HTTP requests, retries, cache hits, cost) under teacher/total_*; the API
     # teacher's current limit on requests in flight as it is (teacher/concurrency)
-    backend = {(k if k == "teacher/concurrency" else k.replace("teacher/", "teacher/total_", 1)): v
-               for k, v in state.teacher.metrics().items()}
+    backend = {
+        (k if k == "teacher/concurrency" else k.replace("teacher/", "teacher/total_", 1)): v
+        for k, v in state.teacher.metrics().items()
+    }
     metrics = {
         **loss_metrics,
         **signal.metrics,
         **rollouts.metrics,  # the sampling's own (time/compile_s; where the entropy came from), every method's
         **optim_metrics,
         **backend,
-        **({  # the student's own samples; an off-policy method (SFT) logs its own metrics about its targets instead
-            "rollout/mean_length": sum(lengths) / len(lengths),
-            "rollout/max_length": float(max(lengths)),
-            "rollout/truncated_frac": rollouts.truncated_frac,
-            "rollout/trajectories": float(len(lengths)),
-        } if method.on_policy else {}),
+        **(
+            {  # the student's own samples; an off-policy method (SFT) logs its own metrics about its targets instead
+                "rollout/mean_length": sum(lengths) / len(lengths),
+                "rollout/max_length": float(max(lengths)),
+                "rollout/truncated_frac": rollouts.truncated_frac,
+                "rollout/trajectories": float(len(lengths)),
+            }
+            if method.on_policy
+            else {}
+        ),
         **sampled.metrics,  # time/rollout_s; pipelined: pipeline/staleness and the teacher's overlap
         "time/loss_backward_s": t_loss,
         "time/optimizer_s": t_optim,
@@ -393,9 +444,14 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
         model = model if model is not None else load_model(state.cfg.student.name, state.cfg.student.dtype)[0]
         model.to(state.accelerator.device)
     summary = evaluate_model(
-        model, state.tokenizer, benchmark, limit=e.limit,
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-        records_path=state.out_dir / f"eval_{tag}_predictions.jsonl", show_progress=progress,
+        model,
+        state.tokenizer,
+        benchmark,
+        limit=e.limit,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        records_path=state.out_dir / f"eval_{tag}_predictions.jsonl",
+        show_progress=progress,
         insecure_no_isolation=e.insecure_no_isolation,
     )
     summary["data"] = benchmark
@@ -420,7 +476,9 @@ def eval_phase(state: TrainState) -> dict[str, float]:
         metrics[f"eval/{bench}/truncated_frac"] = s["truncated_frac"]
     if e.best_metric:
         if e.best_metric not in metrics:
-            raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not among the evaluation metrics {sorted(metrics)}")
+            raise ConfigError(
+                f"eval.best_metric: {e.best_metric!r} is not among the evaluation metrics {sorted(metrics)}"
+            )
         value = metrics[e.best_metric]
         if value > state.totals.get("best_value", float("-inf")):
             state.totals["best_value"], state.totals["best_step"] = value, float(state.step)
@@ -492,11 +550,15 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
                     state.pipeline.close()
                     if is_sharded(state.model):
                         state.teacher.close()
-                        raise TeacherError(f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
-                                           f"checkpoints, {state.out_dir / 'checkpoints'})") from None
+                        raise TeacherError(
+                            f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
+                            f"checkpoints, {state.out_dir / 'checkpoints'})"
+                        ) from None
                     path = save_final(state) if main else state.out_dir / "final"
                     state.teacher.close()
-                    raise TeacherError(f"{err} (stopped after {state.step} steps; model so far saved to {path})") from None
+                    raise TeacherError(
+                        f"{err} (stopped after {state.step} steps; model so far saved to {path})"
+                    ) from None
                 if every and state.step % every == 0 and state.step < cfg.max_steps:
                     checkpoint(state)
                 bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in keys if k in last})
@@ -543,14 +605,16 @@ def format_summary(s: dict) -> str:
         return f"{100 * a['accuracy']:.1f}% (95% CI {100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}, n={a['n']})"
 
     ksem = "n/a" if s["k_sem_mean"] is None else f"{s['k_sem_mean']:.3f} of N={s['teacher_samples']}"
-    return "\n".join([
-        "== omniopd summary ==",
-        f"run dir           {s['output_dir']}",
-        f"steps             {s['steps']}   teacher {s['teacher']}",
-        f"accuracy before   {acc(s['accuracy_before'])}   [{s['eval_data']}]",
-        f"accuracy after    {acc(s['accuracy_after'])}",
-        f"k_sem mean        {ksem}",
-        f"teacher tokens    {int(s['teacher_tokens'])} in {int(s['teacher_requests'])} requests",
-        f"wall time         {s['wall_time_s'] / 60:.1f} min",
-        f"final model       {s['final_model']}",
-    ])
+    return "\n".join(
+        [
+            "== omniopd summary ==",
+            f"run dir           {s['output_dir']}",
+            f"steps             {s['steps']}   teacher {s['teacher']}",
+            f"accuracy before   {acc(s['accuracy_before'])}   [{s['eval_data']}]",
+            f"accuracy after    {acc(s['accuracy_after'])}",
+            f"k_sem mean        {ksem}",
+            f"teacher tokens    {int(s['teacher_tokens'])} in {int(s['teacher_requests'])} requests",
+            f"wall time         {s['wall_time_s'] / 60:.1f} min",
+            f"final model       {s['final_model']}",
+        ]
+    )

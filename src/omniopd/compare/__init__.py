@@ -69,15 +69,23 @@ from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F4
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun: bool = False, progress: bool = True,
-                only: list[str] | None = None) -> dict:
+def run_compare(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    rerun: bool = False,
+    progress: bool = True,
+    only: list[str] | None = None,
+) -> dict:
     """Train and measure every arm (``only``: train just these, and the base model; the other arms are
     reused when finished and otherwise listed as not run, so the tables stay whole)."""
     cfg, configs = variant_configs(recipe, list(overrides or []))
     unknown = sorted(set(only or []) - {v.name for v in cfg.compare.variants})
     if unknown:
-        raise ConfigError(f"--only: no variant named {unknown[0]!r} in compare.variants "
-                          f"({', '.join(v.name for v in cfg.compare.variants)})")
+        raise ConfigError(
+            f"--only: no variant named {unknown[0]!r} in compare.variants "
+            f"({', '.join(v.name for v in cfg.compare.variants)})"
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_config.yaml").write_text(dump_config(cfg))
@@ -91,15 +99,23 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
     judge.prepare_kl_rollouts()
 
     # the phi of every arm whose teacher writes text compared by phi (the omniopd arms)
-    phis = list(dict.fromkeys(c.audit.phi for c in configs.values() if c is not None and method_of(c).teacher_role(c) == "text"))
+    phis = list(
+        dict.fromkeys(c.audit.phi for c in configs.values() if c is not None and method_of(c).teacher_role(c) == "text")
+    )
     signal, signal_error = None, None
     if phis and cfg.compare.signal_steps > 0:
         say(f"signal check for phi {', '.join(phis)} ({cfg.compare.signal_steps} batches)")
         sig_path = out / "signal_check.json"
         # the signal check always asks for exactly N continuations: the adaptive-N settings do not enter it
         audit_key = cfg.audit.model_dump(mode="json", exclude={"adaptive_n", "adaptive_round", "adaptive_width"})
-        sig_spec = [judge.spec_key, cfg.compare.signal_steps, phis, audit_key,
-                    cfg.data.model_dump(mode="json"), cfg.optim.prompts_per_step]
+        sig_spec = [
+            judge.spec_key,
+            cfg.compare.signal_steps,
+            phis,
+            audit_key,
+            cfg.data.model_dump(mode="json"),
+            cfg.optim.prompts_per_step,
+        ]
         sig_key = hashlib.sha256(json.dumps(sig_spec, sort_keys=True).encode()).hexdigest()[:16]
         try:
             from omniopd.signal_check import check_signal
@@ -119,15 +135,25 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
         vcfg = configs[v.name]  # None: base
         method = method_of(vcfg) if vcfg else None
         row: dict[str, Any] = {
-            "name": v.name, "method": v.method, "departures": departures(vcfg),
+            "name": v.name,
+            "method": v.method,
+            "departures": departures(vcfg),
             "changes": ", ".join(f"{k}={val}" for k, val in v.overrides.items()),
-            "teacher": (f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}"
-                        if vcfg and method and method.uses_teacher(vcfg) else "—"),
+            "teacher": (
+                f"{vcfg.teacher.type}:{vcfg.teacher.model or 'student'}"
+                if vcfg and method and method.uses_teacher(vcfg)
+                else "—"
+            ),
             "lr": vcfg.optim.lr if vcfg else None,
             "rollout_temperature": vcfg.rollout.temperature if vcfg and method and method.on_policy else None,
-            "steps": 0 if vcfg is None else None, "teacher_tokens": 0 if vcfg is None else None,
-            "teacher_requests": 0 if vcfg is None else None, "train_wall_s": 0.0 if vcfg is None else None,
-            "run_dir": vcfg.output_dir if vcfg else None, "measures": None, "diff": None, "diffs": None,
+            "steps": 0 if vcfg is None else None,
+            "teacher_tokens": 0 if vcfg is None else None,
+            "teacher_requests": 0 if vcfg is None else None,
+            "train_wall_s": 0.0 if vcfg is None else None,
+            "run_dir": vcfg.output_dir if vcfg else None,
+            "measures": None,
+            "diff": None,
+            "diffs": None,
         }
         why_not = not_applicable(vcfg)
         if only and vcfg is not None and not why_not and v.name not in only and not arm_finished(vcfg):
@@ -158,8 +184,16 @@ def run_compare(recipe: str | Path, overrides: list[str] | None = None, *, rerun
         write_tables(out, cfg, rows, signal, signal_error, judge)  # after every arm: a killed run keeps what it had
     plot_note = write_plot(out, rows, judge)
     write_tables(out, cfg, rows, signal, signal_error, judge)
-    result = {"output_dir": str(out), "benchmarks": judge.benchmarks, "rows": rows, "signal_check": signal, "wall_time_s": time.perf_counter() - t_all,
-              "comparison_md": str(out / "comparison.md"), "comparison_csv": str(out / "comparison.csv"), "plot_note": plot_note}
+    result = {
+        "output_dir": str(out),
+        "benchmarks": judge.benchmarks,
+        "rows": rows,
+        "signal_check": signal,
+        "wall_time_s": time.perf_counter() - t_all,
+        "comparison_md": str(out / "comparison.md"),
+        "comparison_csv": str(out / "comparison.csv"),
+        "plot_note": plot_note,
+    }
     return result
 
 

@@ -19,9 +19,19 @@ from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F4
 BASE = "base"  # the pseudo-method of an arm that is not trained: the student as it is
 
 # settings every arm shares: an arm that changed them would not be compared on the same budget
-SHARED_KEYS = ("student", "seed", "max_steps", "optim.prompts_per_step", "rollout.samples_per_prompt", "data", "eval",
-               "output_dir", "method", "compare", "resume")
-
+SHARED_KEYS = (
+    "student",
+    "seed",
+    "max_steps",
+    "optim.prompts_per_step",
+    "rollout.samples_per_prompt",
+    "data",
+    "eval",
+    "output_dir",
+    "method",
+    "compare",
+    "resume",
+)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -58,7 +68,9 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
     data = apply_overrides(read_recipe(recipe), overrides)
     cfg = build_config(data)
     if not cfg.compare.variants:
-        raise ConfigError("compare.variants: empty; list the arms to compare, e.g. [{name: base, method: base}, {name: sft, method: sft}]")
+        raise ConfigError(
+            "compare.variants: empty; list the arms to compare, e.g. [{name: base, method: base}, {name: sft, method: sft}]"
+        )
     out = Path(cfg.output_dir)
     arm_data = {k: v for k, v in data.items() if k != "compare"}
     configs: dict[str, RunConfig | None] = {}
@@ -66,13 +78,21 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
         flat = _flatten(v.overrides)
         bad = [k for k in flat for s in SHARED_KEYS if _touches(k, s)]
         if bad:
-            raise ConfigError(f"compare variant {v.name}: '{bad[0]}' must be the same for every arm (set it in the recipe, not in a variant)")
+            raise ConfigError(
+                f"compare variant {v.name}: '{bad[0]}' must be the same for every arm (set it in the recipe, not in a variant)"
+            )
         if is_base(v):
             if v.overrides:
                 raise ConfigError(f"compare variant {v.name}: method base (no training) takes no overrides")
             configs[v.name] = None
             continue
-        fixed = {"method": v.method, "output_dir": str(out / "runs" / v.name), "eval.before": False, "eval.after": False, "resume": "auto"}
+        fixed = {
+            "method": v.method,
+            "output_dir": str(out / "runs" / v.name),
+            "eval.before": False,
+            "eval.after": False,
+            "resume": "auto",
+        }
         try:
             configs[v.name] = build_config(set_dotted(set_dotted(arm_data, flat), fixed))
         except ConfigError as err:
@@ -87,7 +107,6 @@ def departures(cfg: RunConfig | None) -> list[str]:
         return []
     method = method_of(cfg)
     return method.departures(cfg) + method.labels(cfg)
-
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -155,8 +174,11 @@ def _resumable(cfg: RunConfig) -> Path | None:
 def arm_finished(cfg: RunConfig) -> bool:
     """Whether the arm's run finished with this config (its summary.json is written last)."""
     run_dir = Path(cfg.output_dir)
-    return ((run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file()
-            and _same_config(run_dir / "config.yaml", cfg))
+    return (
+        (run_dir / "summary.json").is_file()
+        and (run_dir / "config.yaml").is_file()
+        and _same_config(run_dir / "config.yaml", cfg)
+    )
 
 
 def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpoints: bool = False) -> dict:
@@ -168,17 +190,25 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
         # measures are then read from the cache, keyed by the run's summary, not by the model files
         s = json.loads(summary_path.read_text())
         kept = (run_dir / "final").is_dir()
-        return {"status": "ok (reused)" if kept else "ok (reused results; final/ not kept)",
-                "train_wall_s": s.get("wall_time_s"), "teacher_tokens": s.get("teacher_tokens"),
-                "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
+        return {
+            "status": "ok (reused)" if kept else "ok (reused results; final/ not kept)",
+            "train_wall_s": s.get("wall_time_s"),
+            "teacher_tokens": s.get("teacher_tokens"),
+            "teacher_requests": s.get("teacher_requests"),
+            "steps": s.get("steps"),
+            "model": str(run_dir / "final"),
+        }
     cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(text)
     log_path = out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
     summary_path.unlink(missing_ok=True)
     if rerun:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -193,14 +223,28 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
         if say:
             log.write(f"omniopd compare: {say}\n")
             log.flush()
-        proc = subprocess.run([sys.executable, "-m", "omniopd", "train", str(cfg_path), "--overwrite", "--no-progress"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-m", "omniopd", "train", str(cfg_path), "--overwrite", "--no-progress"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not summary_path.is_file():
-        return {"status": f"failed (exit {proc.returncode}): {_last_error(log_path.read_text(encoding='utf-8', errors='replace'))}",
-                "train_wall_s": wall, "model": None}
+        return {
+            "status": f"failed (exit {proc.returncode}): {_last_error(log_path.read_text(encoding='utf-8', errors='replace'))}",
+            "train_wall_s": wall,
+            "model": None,
+        }
     s = json.loads(summary_path.read_text())
     if not keep_checkpoints:  # the arm is finished: final/ is what gets measured, the resume state is dead weight
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {"status": f"ok ({say})" if say else "ok", "train_wall_s": wall, "teacher_tokens": s.get("teacher_tokens"),
-            "teacher_requests": s.get("teacher_requests"), "steps": s.get("steps"), "model": str(run_dir / "final")}
+    return {
+        "status": f"ok ({say})" if say else "ok",
+        "train_wall_s": wall,
+        "teacher_tokens": s.get("teacher_tokens"),
+        "teacher_requests": s.get("teacher_requests"),
+        "steps": s.get("steps"),
+        "model": str(run_dir / "final"),
+    }

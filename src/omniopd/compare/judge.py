@@ -35,7 +35,6 @@ CODE_MEASURES = [  # the same for the code benchmarks (base_accuracy: MBPP+ only
 ]
 
 
-
 # ------------------------------------------------------------------------------------------ benchmarks
 
 
@@ -78,8 +77,10 @@ def _examples(spec: str, limit: int | None):
         from omniopd.evaluation.code import load_code_tasks
         from omniopd.prompts import CODE_INSTRUCTION
 
-        return [Example(t.task_id, t.prompt.strip(), "", reference=_code_program(t), instruction=CODE_INSTRUCTION)
-                for t in load_code_tasks(spec.lower(), limit=limit)]
+        return [
+            Example(t.task_id, t.prompt.strip(), "", reference=_code_program(t), instruction=CODE_INSTRUCTION)
+            for t in load_code_tasks(spec.lower(), limit=limit)
+        ]
     return load_examples(spec, limit=limit)
 
 
@@ -98,7 +99,6 @@ def not_applicable(cfg: RunConfig | None) -> str | None:
     """Why an arm cannot run by construction (its row's status), or None; the method decides (white-box OPD:
     a teacher with another tokenizer, ``methods.opd.not_applicable``)."""
     return None if cfg is None else method_of(cfg).not_applicable(cfg)
-
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -125,17 +125,23 @@ class Judge:
         self.loglik_examples = {b: [ex for ex in _examples(b, L) if ex.reference] for b in self.benchmarks}
         self.kl_rollouts: list[dict] = []
         self.kl_note: str | None = None
-        self.spec_key = hashlib.sha256(json.dumps({
-            # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
-            "eval": cfg.eval.model_dump(mode="json"),
-            "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
-            # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
-            # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
-            "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
-            "student": cfg.student.model_dump(mode="json"),
-            # less rollout.compile: how the same tokens are decoded, not which
-            "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}), "seed": cfg.seed,
-        }, sort_keys=True).encode()).hexdigest()[:16]
+        self.spec_key = hashlib.sha256(
+            json.dumps(
+                {
+                    # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
+                    "eval": cfg.eval.model_dump(mode="json"),
+                    "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
+                    # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
+                    # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
+                    "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
+                    "student": cfg.student.model_dump(mode="json"),
+                    # less rollout.compile: how the same tokens are decoded, not which
+                    "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}),
+                    "seed": cfg.seed,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
 
     def measures_for(self, bench: str) -> list[tuple[str, str, str]]:
         """The continuous-measure columns of ``bench`` (the reverse KL among them when there is one benchmark)."""
@@ -203,9 +209,19 @@ class Judge:
         prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 4242)  # fixed: every arm is scored on the same rollouts
-            responses, _ = generate_texts(model, tok, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                          top_p=r.top_p, batch_size=r.batch_size)
-        self.kl_rollouts = [{"spec": self.spec_key, "id": ex.id, "response_ids": resp} for ex, resp in zip(examples, responses, strict=True)]
+            responses, _ = generate_texts(
+                model,
+                tok,
+                prompts,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                batch_size=r.batch_size,
+            )
+        self.kl_rollouts = [
+            {"spec": self.spec_key, "id": ex.id, "response_ids": resp}
+            for ex, resp in zip(examples, responses, strict=True)
+        ]
         path.write_text("".join(json.dumps(row) + "\n" for row in self.kl_rollouts))
         del model
 
@@ -258,8 +274,10 @@ class Judge:
 
             if Path(model_path).name == "final" and not Path(model_path).exists():
                 missing = ", ".join(todo) or "the reverse KL"
-                raise ConfigError(f"{name}: its final/ was not kept and {missing} is not measured yet: "
-                                  "train the arm again (omniopd compare --rerun)")
+                raise ConfigError(
+                    f"{name}: its final/ was not kept and {missing} is not measured yet: "
+                    "train the arm again (omniopd compare --rerun)"
+                )
 
             model, tok = load_model(model_path, self.cfg.student.dtype)
             for p in model.parameters():
@@ -299,13 +317,27 @@ class Judge:
         t0 = time.perf_counter()
         e = self.cfg.eval
         records_path = self.records_path(name, bench)
-        summary = evaluate_model(model, tok, bench, limit=e.limit, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                 temperature=0.0, records_path=records_path, show_progress=self.progress,
-                                 insecure_no_isolation=e.insecure_no_isolation)
+        summary = evaluate_model(
+            model,
+            tok,
+            bench,
+            limit=e.limit,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size,
+            temperature=0.0,
+            records_path=records_path,
+            show_progress=self.progress,
+            insecure_no_isolation=e.insecure_no_isolation,
+        )
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
         B = self.cfg.compare.bootstrap_samples
         m: dict[str, Any] = {
-            "accuracy": {"value": summary["accuracy"], "lo": summary["ci95"][0], "hi": summary["ci95"][1], "n": summary["n"]},
+            "accuracy": {
+                "value": summary["accuracy"],
+                "lo": summary["ci95"][0],
+                "hi": summary["ci95"][1],
+                "n": summary["n"],
+            },
             "correct": [bool(r["correct"]) for r in records],
         }
         if is_code_benchmark(bench):
@@ -316,7 +348,9 @@ class Judge:
             if bench.lower() == "mbppplus":
                 m["base_accuracy"] = share([bool(r.get("base_passed")) for r in records])
             m["valid_syntax"] = share([valid_python(r.get("code") or "") for r in records])
-            m["defines_entry_point"] = share([defines_entry_point(r.get("code") or "", entry[r["id"]]) for r in records])
+            m["defines_entry_point"] = share(
+                [defines_entry_point(r.get("code") or "", entry[r["id"]]) for r in records]
+            )
         else:
             from omniopd.measures import answered_and_stopped, is_short, loops
 
@@ -345,7 +379,9 @@ class Judge:
         for i in range(0, len(exs), mb):
             part = exs[i : i + mb]
             prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in part])
-            responses = [tok.encode(_reference_response(ex), add_special_tokens=False) + [tok.eos_token_id] for ex in part]
+            responses = [
+                tok.encode(_reference_response(ex), add_special_tokens=False) + [tok.eos_token_id] for ex in part
+            ]
             batch = pack(tok, prompts, responses, tok.pad_token_id)
             hidden, head = response_hidden(model, batch)
             logp = token_stats(hidden, head, batch.response_ids, slice_size=self.cfg.loss.slice_size).logprobs
@@ -375,7 +411,12 @@ class Judge:
             part = self.kl_rollouts[i : i + mb]
             exs = [by_id[r["id"]] for r in part]
             responses = [r["response_ids"] or [tok.eos_token_id] for r in part]
-            sbatch = pack(tok, chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in exs]), responses, tok.pad_token_id)
+            sbatch = pack(
+                tok,
+                chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in exs]),
+                responses,
+                tok.pad_token_id,
+            )
             tbatch = teacher_scoring_batch(teacher, exs, responses)
             h, head = response_hidden(model, sbatch)
             th, thead = response_hidden(teacher.model, tbatch)

@@ -63,7 +63,10 @@ def main():
             if message.get("project") == "not_none":  # EvalPlus's "not None" oracle needs only this
                 out = out if isinstance(out, bool) else out is not None
             if message.get("digest"):
-                reply = {"op": "returned", "digest": hashlib.sha256(repr(out).encode("utf-8", "surrogatepass")).hexdigest()}
+                reply = {
+                    "op": "returned",
+                    "digest": hashlib.sha256(repr(out).encode("utf-8", "surrogatepass")).hexdigest(),
+                }
             else:
                 reply = {"op": "returned", "value": wire.encode(out)}
         except BaseException as exc:

@@ -42,8 +42,16 @@ import sys
 import time
 
 _NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
-_SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-           "intersection_array", "find_dissimilar", "Diff"}
+_SET_EQ = {
+    "similar_elements",
+    "find_char_long",
+    "common_in_nested_lists",
+    "extract_singly",
+    "larg_nnum",
+    "intersection_array",
+    "find_dissimilar",
+    "Diff",
+}
 _DIGEST_MIN_CHARS = 4 << 20
 _EXACT_TYPES = (list, tuple, str, int, bool, type(None))
 _REPR = reprlib.Repr()
@@ -71,8 +79,14 @@ class Candidate:
 
     def call(self, args, kwargs=None, limit=None, digest=False, label=None, project=None):
         self.calls += 1
-        message = {"op": "call", "args": self.wire.encode(list(args)), "limit": limit, "digest": digest,
-                   "label": label or "call #%d" % self.calls, "project": project}
+        message = {
+            "op": "call",
+            "args": self.wire.encode(list(args)),
+            "limit": limit,
+            "digest": digest,
+            "label": label or "call #%d" % self.calls,
+            "project": project,
+        }
         if kwargs:
             message["kwargs"] = self.wire.encode(dict(kwargs))
         self.channel.send(message)
@@ -112,8 +126,11 @@ def run_asserts(payload, candidate):
         try:
             exec(compiled(code, "<setup-%d>" % index), namespace)
         except BaseException as exc:
-            return {"passed": False, "status": "error",
-                    "detail": "the test setup failed: %s: %s" % (type(exc).__name__, short(exc))}
+            return {
+                "passed": False,
+                "status": "error",
+                "detail": "the test setup failed: %s: %s" % (type(exc).__name__, short(exc)),
+            }
     namespace[payload["entry_point"]] = candidate
     tests, first_failure, passed = payload["tests"], None, 0
     for index, code in enumerate(tests):
@@ -181,8 +198,8 @@ def deserialize(kind, inputs):
 
 
 def _surface_area(base_edge, height):  # EvalPlus oracle for Mbpp/581
-    slant = math.sqrt((base_edge / 2) ** 2 + height ** 2)
-    return round(base_edge ** 2 + 4 * (base_edge * slant) / 2)
+    slant = math.sqrt((base_edge / 2) ** 2 + height**2)
+    return round(base_edge**2 + 4 * (base_edge * slant) / 2)
 
 
 def _digit_distance(num1, num2):  # EvalPlus oracle for Mbpp/558
@@ -281,8 +298,13 @@ def _reference_rows(payload, splits, wire, channel):
     same task, else computed (and offered to the parent for the next runs when they are small)."""
     entry = payload["entry_point"]
     if payload.get("expected") is not None:
-        return {split: [(form, wire.decode(v) if form == "value" else v, limit, call_limit)
-                        for form, v, limit, call_limit in payload["expected"][split]] for split, _ in splits}
+        return {
+            split: [
+                (form, wire.decode(v) if form == "value" else v, limit, call_limit)
+                for form, v, limit, call_limit in payload["expected"][split]
+            ]
+            for split, _ in splits
+        }
     namespace: dict = {"__name__": "__reference__"}  # the reference's globals, whatever it defines
     exec(compile(payload["reference"], "<reference>", "exec"), namespace)
     reference = namespace[entry]
@@ -315,8 +337,12 @@ def run_differential(payload, candidate, channel, wire):
     try:
         expected = _reference_rows(payload, splits, wire, channel)
     except BaseException as exc:
-        return {"passed": False, "base_passed": False, "status": "error",
-                "detail": "the reference solution failed: %s: %s" % (type(exc).__name__, short(exc))}
+        return {
+            "passed": False,
+            "base_passed": False,
+            "status": "error",
+            "detail": "the reference solution failed: %s: %s" % (type(exc).__name__, short(exc)),
+        }
     total = sum(row[2] for rows in expected.values() for row in rows)
     moving = sum(row[3] - row[2] for rows in expected.values() for row in rows)
     channel.send({"op": "budget", "seconds": min(60.0, total) + 1.0 + moving})
@@ -335,9 +361,13 @@ def run_differential(payload, candidate, channel, wire):
         for index, inp in enumerate(inputs):
             form, exp, _, call_limit = expected[split][index]
             try:
-                out = candidate.call(copy.deepcopy(inp), limit=call_limit, digest=form == "digest",
-                                     label="%s input #%d" % (split, index),
-                                     project="not_none" if entry in _NOT_NONE else None)
+                out = candidate.call(
+                    copy.deepcopy(inp),
+                    limit=call_limit,
+                    digest=form == "digest",
+                    label="%s input #%d" % (split, index),
+                    project="not_none" if entry in _NOT_NONE else None,
+                )
             except CandidateRaised as exc:
                 return fail(split, index, "the program raised %s" % exc, inp)
             if form == "digest":
@@ -348,12 +378,23 @@ def run_differential(payload, candidate, channel, wire):
             try:
                 ok = check_output(entry, inp, out, exp, atol)
             except BaseException as exc:  # e.g. set() of unhashable items, as EvalPlus would fail
-                return fail(split, index, "the comparison raised %s: %s" % (type(exc).__name__, short(exc)), inp,
-                            expected=short(exp), got=short(out))
+                return fail(
+                    split,
+                    index,
+                    "the comparison raised %s: %s" % (type(exc).__name__, short(exc)),
+                    inp,
+                    expected=short(exp),
+                    got=short(out),
+                )
             if not ok:
                 return fail(split, index, "wrong output", inp, expected=short(exp), got=short(out))
-    return {"passed": True, "base_passed": True, "status": "passed", "detail": "",
-            "tests": sum(len(inputs) for _, inputs in splits)}
+    return {
+        "passed": True,
+        "base_passed": True,
+        "status": "passed",
+        "detail": "",
+        "tests": sum(len(inputs) for _, inputs in splits),
+    }
 
 
 def main():

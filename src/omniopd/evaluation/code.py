@@ -106,12 +106,18 @@ HUMANEVAL_SECONDS = 3.0
 # (EvalPlus's memory limit; Mbpp/255's reference output alone is ~1 GB). The judge's wall clock is a
 # backstop: it includes the reference solutions' own time (Mbpp/599 takes ~40 s here).
 DEFAULT_LIMITS = {
-    "humaneval": JudgeLimits(candidate_seconds=HUMANEVAL_SECONDS, judge_seconds=60.0,
-                             candidate=SandboxLimits(timeout=60.0, memory_mb=1024),
-                             judge=SandboxLimits(timeout=60.0, memory_mb=1024)),
-    "mbppplus": JudgeLimits(candidate_seconds=None, judge_seconds=300.0,
-                            candidate=SandboxLimits(timeout=300.0, memory_mb=4096),
-                            judge=SandboxLimits(timeout=300.0, memory_mb=4096)),
+    "humaneval": JudgeLimits(
+        candidate_seconds=HUMANEVAL_SECONDS,
+        judge_seconds=60.0,
+        candidate=SandboxLimits(timeout=60.0, memory_mb=1024),
+        judge=SandboxLimits(timeout=60.0, memory_mb=1024),
+    ),
+    "mbppplus": JudgeLimits(
+        candidate_seconds=None,
+        judge_seconds=300.0,
+        candidate=SandboxLimits(timeout=300.0, memory_mb=4096),
+        judge=SandboxLimits(timeout=300.0, memory_mb=4096),
+    ),
 }
 
 # The official HumanEval stop sequences, applied to a completion that continues the prompt.
@@ -292,7 +298,7 @@ def extract_code(answer: str, entry_point: str | None = None, *, sanitize: bool 
         return _cut_at_stops(body).rstrip() + "\n"
     m = _CODE_START.search(body)
     if m:
-        lines = body[m.start():].splitlines()
+        lines = body[m.start() :].splitlines()
         for end in range(len(lines), 0, -1):
             candidate = "\n".join(lines[:end])
             if _parses(candidate):
@@ -329,10 +335,12 @@ def _defines(code: str, name: str) -> bool:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name
-               for n in tree.body) or any(
+    return any(
+        isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name for n in tree.body
+    ) or any(
         isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)
-        for n in tree.body)
+        for n in tree.body
+    )
 
 
 def _is_setup(node: ast.stmt) -> bool:
@@ -367,8 +375,11 @@ def sanitize_code(code: str) -> str:
             keep.add(i)
             if isinstance(node, (*defs, ast.Try)):
                 used |= names_in(node)
-    assigns = {i: node for i, node in enumerate(tree.body)
-               if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(node, "value", None) is not None}
+    assigns = {
+        i: node
+        for i, node in enumerate(tree.body)
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(node, "value", None) is not None
+    }
     changed = True
     while changed:
         changed = False
@@ -387,15 +398,37 @@ def sanitize_code(code: str) -> str:
             continue
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         end = node.end_lineno or node.lineno
-        out.append("\n".join(lines[start - 1:end]))
+        out.append("\n".join(lines[start - 1 : end]))
     return "\n\n".join(out) + ("\n" if out else "")
 
 
 # Tasks whose JSON inputs EvalPlus turns back into tuples, sets or complex numbers (by task number).
 _DESERIALIZE: dict[int, str] = {}
 for _kind, _ids in {
-    "tuple_args": (2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630,
-                   726, 740, 744, 809),
+    "tuple_args": (
+        2,
+        116,
+        132,
+        143,
+        222,
+        261,
+        273,
+        394,
+        399,
+        421,
+        424,
+        429,
+        470,
+        560,
+        579,
+        596,
+        616,
+        630,
+        726,
+        740,
+        744,
+        809,
+    ),
     "tuple_items": (63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780),
     "first_arg_tuple_items": (75, 413, 444, 753),
     "second_arg_tuple": (106, 750),
@@ -440,8 +473,12 @@ def judge_payload(task: CodeTask, *, min_time_limit: float = MIN_TIME_LIMIT, tim
         # the prompt is run for its helper functions (HumanEval/38's encode_cyclic, /32's poly); a prompt
         # that ends in a bare header gets a body so that it runs
         prompt = next((p for p in (task.prompt, task.prompt.rstrip() + "\n    pass\n") if _parses(p)), "")
-        return {"kind": "asserts", "entry_point": task.entry_point, "setup": [prompt, task.test],
-                "tests": [f"check({task.entry_point})"]}
+        return {
+            "kind": "asserts",
+            "entry_point": task.entry_point,
+            "setup": [prompt, task.test],
+            "tests": [f"check({task.entry_point})"],
+        }
     if task.benchmark == "mbppplus":
         number = _task_number(task.task_id)
         return {
@@ -474,8 +511,9 @@ def _resolve_task(bench: str, task: CodeTask | str) -> CodeTask:
 
 
 def _unisolated(limits: JudgeLimits) -> JudgeLimits:
-    return replace(limits, candidate=replace(limits.candidate, isolate=False),
-                   judge=replace(limits.judge, isolate=False))
+    return replace(
+        limits, candidate=replace(limits.candidate, isolate=False), judge=replace(limits.judge, isolate=False)
+    )
 
 
 # MBPP+ expected outputs and time limits per task (keyed by the judge's payload), measured once per
@@ -493,11 +531,19 @@ def check_isolation(insecure_no_isolation: bool = False) -> None:
         raise IsolationUnavailable(
             f"code grading needs the isolated sandbox and it is unavailable here: {why}. Run as root on "
             "Linux with util-linux 'unshare', or pass --insecure-no-isolation (insecure_no_isolation=True) "
-            "to grade without it, in which case model-written code can read your files and their answers")
+            "to grade without it, in which case model-written code can read your files and their answers"
+        )
 
 
-def grade_code(benchmark: str, task: CodeTask | str, completion: str, *, extract: bool = True,
-               limits: JudgeLimits | None = None, insecure_no_isolation: bool = False) -> CodeGrade:
+def grade_code(
+    benchmark: str,
+    task: CodeTask | str,
+    completion: str,
+    *,
+    extract: bool = True,
+    limits: JudgeLimits | None = None,
+    insecure_no_isolation: bool = False,
+) -> CodeGrade:
     """Grade one completion (a model's answer, or code when ``extract=False``) on one task."""
     bench = normalize_benchmark(benchmark)
     check_isolation(insecure_no_isolation)
@@ -519,26 +565,39 @@ def grade_code(benchmark: str, task: CodeTask | str, completion: str, *, extract
     return CodeGrade(t.task_id, v.passed, v.status, v.detail, v.seconds, base, code, v.candidate_seconds, v.isolation)
 
 
-def grade_many(benchmark: str, items: Iterable[tuple[CodeTask | str, str]], *, extract: bool = True,
-               limits: JudgeLimits | None = None, max_workers: int | None = None,
-               insecure_no_isolation: bool = False) -> list[CodeGrade]:
+def grade_many(
+    benchmark: str,
+    items: Iterable[tuple[CodeTask | str, str]],
+    *,
+    extract: bool = True,
+    limits: JudgeLimits | None = None,
+    max_workers: int | None = None,
+    insecure_no_isolation: bool = False,
+) -> list[CodeGrade]:
     """Grade (task, completion) pairs, at most ``max_workers`` at a time (default: one per core);
     results in input order."""
     bench = normalize_benchmark(benchmark)
     check_isolation(insecure_no_isolation)
     pairs = [(_resolve_task(bench, task), completion) for task, completion in items]
-    return parallel_map(lambda pair: grade_code(bench, pair[0], pair[1], extract=extract, limits=limits,
-                                                insecure_no_isolation=insecure_no_isolation),
-                        pairs, max_workers)
+    return parallel_map(
+        lambda pair: grade_code(
+            bench, pair[0], pair[1], extract=extract, limits=limits, insecure_no_isolation=insecure_no_isolation
+        ),
+        pairs,
+        max_workers,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Unit tests of a training prompt (MBPP's asserts): the reward of GRPO on code.
 
 # The candidate's whole budget for a prompt's tests (as HumanEval's program), and the judge's backstop.
-TESTS_LIMITS = JudgeLimits(candidate_seconds=HUMANEVAL_SECONDS, judge_seconds=30.0,
-                           candidate=SandboxLimits(timeout=30.0, memory_mb=1024),
-                           judge=SandboxLimits(timeout=30.0, memory_mb=1024))
+TESTS_LIMITS = JudgeLimits(
+    candidate_seconds=HUMANEVAL_SECONDS,
+    judge_seconds=30.0,
+    candidate=SandboxLimits(timeout=30.0, memory_mb=1024),
+    judge=SandboxLimits(timeout=30.0, memory_mb=1024),
+)
 
 
 @dataclass(frozen=True)
@@ -575,9 +634,17 @@ def function_under_test(asserts: Sequence[str], reference: str | None = None) ->
     return max(counts, key=lambda k: counts[k]) if counts else None
 
 
-def grade_tests(answer: str, asserts: Sequence[str], *, setup: Sequence[str] = (), entry_point: str | None = None,
-                reference: str | None = None, extract: bool = True, limits: JudgeLimits | None = None,
-                insecure_no_isolation: bool = False) -> AssertsGrade:
+def grade_tests(
+    answer: str,
+    asserts: Sequence[str],
+    *,
+    setup: Sequence[str] = (),
+    entry_point: str | None = None,
+    reference: str | None = None,
+    extract: bool = True,
+    limits: JudgeLimits | None = None,
+    insecure_no_isolation: bool = False,
+) -> AssertsGrade:
     """Run a prompt's unit tests (``asserts``, after the ``setup`` statements) on a model's answer, every
     test even after a failure, with the verdict decided as for HumanEval (the judge holds the tests)."""
     check_isolation(insecure_no_isolation)
@@ -588,8 +655,13 @@ def grade_tests(answer: str, asserts: Sequence[str], *, setup: Sequence[str] = (
     lim = limits or TESTS_LIMITS
     if insecure_no_isolation:
         lim = _unisolated(lim)
-    payload = {"kind": "asserts", "entry_point": entry, "setup": [s for s in setup if s.strip()],
-               "tests": list(asserts), "count": True}
+    payload = {
+        "kind": "asserts",
+        "entry_point": entry,
+        "setup": [s for s in setup if s.strip()],
+        "tests": list(asserts),
+        "count": True,
+    }
     v = judge_run(payload, code, entry, lim)
     done = int(v.info.get("tests_passed", 0)) if v.status in ("passed", "failed") else 0
     return AssertsGrade(v.passed, done, len(asserts), v.status, v.detail, v.seconds)

@@ -74,7 +74,7 @@ _NUMBER = re.compile(
 # Math spans for the fallback: $$...$$, \[...\], \(...\), and $...$ with pandoc's rule against currency.
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$(?=\S)([^$]*?\S)\$(?!\d)", re.S)
 _RELATION = re.compile(r"=|≈|\\approx")
-_LIST_SEPARATOR = re.compile(r"[,;]\s|\band\b")                 # "x = 3, y = 4", "x = 3 and y = 4"
+_LIST_SEPARATOR = re.compile(r"[,;]\s|\band\b")  # "x = 3, y = 4", "x = 3 and y = 4"
 # Words and units around the one number: no digit, no math sign, and '-' only inside a word ("42-year-old")
 _WORDS_ONLY = re.compile(r"(?:[^\d\\^_{}\[\]+*/<>|=×÷√π∞-]|(?<=\w)-(?=\w))*")
 _TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}|\\%")  # \text{ apples} and \% count as words
@@ -189,5 +189,3 @@ def answers_match(gold: str, predicted: str | None) -> bool:
         return bool(verify(gold_p, pred_p))
     except Exception:  # noqa: BLE001 - a grader crash on odd model text is a wrong answer, not a crash
         return gold.strip() == predicted.strip()
-
-

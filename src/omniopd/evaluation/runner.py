@@ -58,8 +58,17 @@ class Sample:
 class Generator(Protocol):
     name: str
 
-    def generate(self, problems: list[Problem], *, n: int, max_new_tokens: int, temperature: float,
-                 batch_size: int, desc: str, show_progress: bool) -> list[list[Sample]]: ...
+    def generate(
+        self,
+        problems: list[Problem],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        batch_size: int,
+        desc: str,
+        show_progress: bool,
+    ) -> list[list[Sample]]: ...
 
 
 class HFGenerator:
@@ -72,11 +81,18 @@ class HFGenerator:
         prompts = chat_prompts(self.tokenizer, [student_messages(p.question, p.instruction) for p in problems])
         with tqdm(total=len(prompts), desc=desc, unit="problem", disable=not show_progress, leave=False) as bar:
             responses, finished = generate_texts(
-                self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                n=n, batch_size=batch_size, progress=bar,
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                n=n,
+                batch_size=batch_size,
+                progress=bar,
             )
         samples = [
-            Sample(self.tokenizer.decode(r, skip_special_tokens=True), len(r), f) for r, f in zip(responses, finished, strict=True)
+            Sample(self.tokenizer.decode(r, skip_special_tokens=True), len(r), f)
+            for r, f in zip(responses, finished, strict=True)
         ]
         return [samples[i * n : (i + 1) * n] for i in range(len(problems))]
 
@@ -90,8 +106,13 @@ class TeacherGenerator:
     def generate(self, problems, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
         from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 
-        reqs = [ContinuationRequest(question=p.question, prefix="", trajectory=i, instruction=p.instruction) for i, p in enumerate(problems)]
-        results = self.teacher.continue_prefixes(reqs, SamplingSpec(n=n, max_new_tokens=max_new_tokens, temperature=temperature))
+        reqs = [
+            ContinuationRequest(question=p.question, prefix="", trajectory=i, instruction=p.instruction)
+            for i, p in enumerate(problems)
+        ]
+        results = self.teacher.continue_prefixes(
+            reqs, SamplingSpec(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
+        )
         out = []
         for res in results:
             texts = res.texts if res.ok else []
@@ -100,14 +121,17 @@ class TeacherGenerator:
         return out
 
 
-def load_problems(benchmark: str, limit: int | None = None, question_field: str | None = None,
-                  answer_field: str | None = None) -> list[Problem]:
+def load_problems(
+    benchmark: str, limit: int | None = None, question_field: str | None = None, answer_field: str | None = None
+) -> list[Problem]:
     if benchmark.lower() in CODE_BENCHMARKS:
         from omniopd.evaluation.code import load_code_tasks
 
         tasks = load_code_tasks(benchmark.lower(), limit=limit)
         return [Problem(t.task_id, f"{t.prompt.strip()}", CODE_INSTRUCTION, task=t) for t in tasks]
-    examples: list[Example] = load_examples(benchmark, limit=limit, question_field=question_field, answer_field=answer_field)
+    examples: list[Example] = load_examples(
+        benchmark, limit=limit, question_field=question_field, answer_field=answer_field
+    )
     return [Problem(ex.id, ex.question, None, gold=ex.answer) for ex in examples]
 
 
@@ -149,8 +173,15 @@ def evaluate(
         check_isolation(insecure_no_isolation)
     t0 = time.perf_counter()
     problems = load_problems(benchmark, limit, question_field, answer_field)
-    samples = generator.generate(problems, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 batch_size=batch_size, desc=f"eval {benchmark}", show_progress=show_progress)
+    samples = generator.generate(
+        problems,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        desc=f"eval {benchmark}",
+        show_progress=show_progress,
+    )
     t_gen = time.perf_counter() - t0
     records: list[dict] = []
     if is_code:
@@ -160,27 +191,59 @@ def evaluate(
         for p, ss in zip(problems, samples, strict=True):
             assert p.task is not None  # load_problems gives every code problem its task
             pairs += [(p.task, s.text) for s in ss]
-        grades = iter(grade_many(benchmark.lower(), pairs, max_workers=grade_workers,
-                                 insecure_no_isolation=insecure_no_isolation))
+        grades = iter(
+            grade_many(benchmark.lower(), pairs, max_workers=grade_workers, insecure_no_isolation=insecure_no_isolation)
+        )
         for p, ss in zip(problems, samples, strict=True):
             for j, s in enumerate(ss):
                 g = next(grades)
-                records.append({"id": p.id, "sample": j, "question": p.question, "output": s.text, "code": g.code,
-                                "correct": g.passed, "status": g.status, "detail": g.detail[:500],
-                                "base_passed": g.base_passed, "tokens": s.tokens, "finished": s.finished, "grade_s": g.seconds})
+                records.append(
+                    {
+                        "id": p.id,
+                        "sample": j,
+                        "question": p.question,
+                        "output": s.text,
+                        "code": g.code,
+                        "correct": g.passed,
+                        "status": g.status,
+                        "detail": g.detail[:500],
+                        "base_passed": g.base_passed,
+                        "tokens": s.tokens,
+                        "finished": s.finished,
+                        "grade_s": g.seconds,
+                    }
+                )
     else:
         for p, ss in zip(problems, samples, strict=True):
             for j, s in enumerate(ss):
                 ext = extract_answer(s.text, extraction)
-                records.append({"id": p.id, "sample": j, "question": p.question, "output": s.text, "gold": p.gold,
-                                "extracted": ext.answer, "rule": ext.rule, "correct": answers_match(p.gold or "", ext.answer),
-                                "tokens": s.tokens, "finished": s.finished})
+                records.append(
+                    {
+                        "id": p.id,
+                        "sample": j,
+                        "question": p.question,
+                        "output": s.text,
+                        "gold": p.gold,
+                        "extracted": ext.answer,
+                        "rule": ext.rule,
+                        "correct": answers_match(p.gold or "", ext.answer),
+                        "tokens": s.tokens,
+                        "finished": s.finished,
+                    }
+                )
     summary = summarise(records, len(problems), n, ks, is_code)
-    summary.update({
-        "benchmark": benchmark, "model": generator.name, "decoding": "greedy" if temperature == 0 else f"sampled(temperature={temperature}, top_p=1, top_k=0)",
-        "max_new_tokens": max_new_tokens, "samples_per_problem": n, "extraction": None if is_code else list(extraction),
-        "generate_s": t_gen, "seconds": time.perf_counter() - t0,
-    })
+    summary.update(
+        {
+            "benchmark": benchmark,
+            "model": generator.name,
+            "decoding": "greedy" if temperature == 0 else f"sampled(temperature={temperature}, top_p=1, top_k=0)",
+            "max_new_tokens": max_new_tokens,
+            "samples_per_problem": n,
+            "extraction": None if is_code else list(extraction),
+            "generate_s": t_gen,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
     if records_path is not None:
         path = Path(records_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,21 +283,42 @@ def summarise(records: list[dict], num_problems: int, n: int, ks: tuple[int, ...
         base = [r for r in records if r.get("base_passed") is not None]
         if base:
             summary["base_pass@1"] = _rate(sum(r["base_passed"] for r in base), len(base))
-        summary["status_counts"] = {s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})}
+        summary["status_counts"] = {
+            s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})
+        }
     else:
         unparsed = sum(r["extracted"] is None for r in records)
         summary["answers_unparsed"] = unparsed / total if total else 0.0
         summary["answers_unparsed_ci95"] = list(wilson_interval(unparsed, total))
-        summary["extraction_rule_counts"] = {str(k): sum(r["rule"] == k for r in records) for k in (*EXTRACTION_RULES, None)}
+        summary["extraction_rule_counts"] = {
+            str(k): sum(r["rule"] == k for r in records) for k in (*EXTRACTION_RULES, None)
+        }
         summary["answers_with_hash"] = summary["extraction_rule_counts"]["hash"] / total if total else 0.0
     return summary
 
 
-def evaluate_model(model, tokenizer, benchmark: str = "gsm8k-dev", *, limit: int | None = None,
-                   max_new_tokens: int = 256, batch_size: int = 16, temperature: float = 0.0,
-                   records_path: str | Path | None = None, show_progress: bool = True,
-                   insecure_no_isolation: bool = False) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    benchmark: str = "gsm8k-dev",
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    records_path: str | Path | None = None,
+    show_progress: bool = True,
+    insecure_no_isolation: bool = False,
+) -> dict:
     """Single-sample evaluation of a local model on any benchmark (what the trainer uses)."""
-    return evaluate(HFGenerator(model, tokenizer), benchmark, limit=limit, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, temperature=temperature, records_path=records_path, show_progress=show_progress,
-                    insecure_no_isolation=insecure_no_isolation)
+    return evaluate(
+        HFGenerator(model, tokenizer),
+        benchmark,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        records_path=records_path,
+        show_progress=show_progress,
+        insecure_no_isolation=insecure_no_isolation,
+    )

@@ -227,8 +227,13 @@ def runtime_view() -> tuple[tuple[str, ...], tuple[str, ...]]:
     paths += [d for d in _SYSTEM_LIB_DIRS if os.path.lexists(d)]
     hide: set[str] = set()
     for base in list(stdlib) + [d for d in _SYSTEM_LIB_DIRS if os.path.isdir(d) and not os.path.islink(d)]:
-        for pattern in ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages",
-                        "python3/dist-packages"):
+        for pattern in (
+            "site-packages",
+            "dist-packages",
+            "python3*/site-packages",
+            "python3*/dist-packages",
+            "python3/dist-packages",
+        ):
             hide.update(os.path.realpath(p) for p in glob.glob(os.path.join(base, pattern)) if os.path.isdir(p))
     unique = sorted(dict.fromkeys(paths), key=lambda p: (p.count("/"), p))
     return tuple(unique), tuple(sorted(hide))
@@ -258,7 +263,10 @@ def _probe() -> tuple[bool, str]:
     proc = SandboxProcess("pass", SandboxLimits(timeout=30.0), _use_namespaces=True)
     result = proc.run_to_end()
     if result.status != "passed":
-        return False, f"the isolated sandbox did not start: {result.detail.splitlines()[0] if result.detail else result.status}"
+        return (
+            False,
+            f"the isolated sandbox did not start: {result.detail.splitlines()[0] if result.detail else result.status}",
+        )
     return True, ""
 
 
@@ -319,7 +327,7 @@ def _truncate(text: str, limit: int) -> str:
     text = text.strip("\n")
     if len(text) <= limit:
         return text
-    return "..." + text[-(limit - 3):]
+    return "..." + text[-(limit - 3) :]
 
 
 def _remove_tree(path: str) -> None:
@@ -355,8 +363,16 @@ class SandboxProcess:
     ``omniopd_sandbox.payload`` the ``payload``; ``modules`` maps module names to source installed
     before the program runs. Use :meth:`run_to_end`, or :meth:`start` and then :meth:`finish`."""
 
-    def __init__(self, source: str, limits: SandboxLimits, *, payload=None, channel: bool = False,
-                 modules: dict[str, str] | None = None, _use_namespaces: bool | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        limits: SandboxLimits,
+        *,
+        payload=None,
+        channel: bool = False,
+        modules: dict[str, str] | None = None,
+        _use_namespaces: bool | None = None,
+    ) -> None:
         self.source, self.limits, self.payload, self.modules = source, limits, payload, modules or {}
         self.want_channel = channel
         self._forced_ns = _use_namespaces
@@ -430,8 +446,15 @@ class SandboxProcess:
         try:
             with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
                 self.proc = subprocess.Popen(
-                    argv, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=host_work, env=_child_env(workdir),
-                    start_new_session=True, close_fds=True, pass_fds=child_fds,
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=err,
+                    cwd=host_work,
+                    env=_child_env(workdir),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=child_fds,
                 )
         except OSError as exc:
             self.start_error = f"could not start the sandbox: {exc}"
@@ -513,7 +536,7 @@ class SandboxProcess:
             head = fh.read(4096).decode("utf-8", errors="replace")
         for line in head.splitlines() + stderr.splitlines():
             if line.startswith(token + " "):
-                key, _, value = line[len(token) + 1:].partition("=")
+                key, _, value = line[len(token) + 1 :].partition("=")
                 notes[key] = value
         kept = [line for line in stderr.splitlines() if not line.startswith(token + " ")]
         stdout = "\n".join(line for line in stdout.splitlines() if line != passed_marker)
@@ -523,8 +546,9 @@ class SandboxProcess:
 
         def result(status: str, reason: str) -> SandboxResult:
             detail = "" if status == "passed" else "\n".join(x for x in (reason, err_tail) if x)
-            return SandboxResult(status == "passed", status, _truncate(detail, limits.output_chars), seconds,
-                                 out_tail, isolation, rc)
+            return SandboxResult(
+                status == "passed", status, _truncate(detail, limits.output_chars), seconds, out_tail, isolation, rc
+            )
 
         signum: int | None = None
         if "worker-signal" in notes:
@@ -596,7 +620,8 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], max_workers: int | No
         return list(pool.map(fn, items))
 
 
-def run_many(sources: Sequence[str], limits: SandboxLimits | None = None,
-             max_workers: int | None = None) -> list[SandboxResult]:
+def run_many(
+    sources: Sequence[str], limits: SandboxLimits | None = None, max_workers: int | None = None
+) -> list[SandboxResult]:
     """Run many programs, at most ``max_workers`` at a time; results in input order."""
     return parallel_map(lambda src: run_python(src, limits), sources, max_workers)

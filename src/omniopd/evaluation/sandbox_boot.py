@@ -38,8 +38,10 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "r
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 SETUP_ERROR_EXIT = 97
 WORKDIR = "/sandbox"
-STUB = ("import json,sys;_c=json.loads(sys.stdin.buffer.read().decode('utf-8'));"
-        "exec(compile(_c.pop('boot'),'<sandbox-boot>','exec'),{'__name__':'__main__','_CONFIG':_c})")
+STUB = (
+    "import json,sys;_c=json.loads(sys.stdin.buffer.read().decode('utf-8'));"
+    "exec(compile(_c.pop('boot'),'<sandbox-boot>','exec'),{'__name__':'__main__','_CONFIG':_c})"
+)
 
 
 def _libc():
@@ -255,6 +257,7 @@ def _install_guards(root, block_socket):
             if not allowed(path, kwargs.get("dir_fd")):
                 deny(name, path)
             return real(path, *args, **kwargs)
+
         guarded.__name__ = name
         return guarded
 
@@ -265,27 +268,74 @@ def _install_guards(root, block_socket):
             if not allowed(dst, kwargs.get("dst_dir_fd", kwargs.get("dir_fd"))):
                 deny(name, dst)
             return real(src, dst, *args, **kwargs)
+
         guarded.__name__ = name
         return guarded
 
     def refused(name):
         def guarded(*args, **kwargs):
             raise PermissionError(13, "sandbox: %s is disabled" % name)
+
         guarded.__name__ = name
         return guarded
 
-    for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "lchmod", "chown", "lchown",
-                 "fchmod", "fchown", "utime", "mkfifo", "mknod", "setxattr", "removexattr", "chflags",
-                 "lchflags"):
+    for name in (
+        "remove",
+        "unlink",
+        "rmdir",
+        "mkdir",
+        "truncate",
+        "chmod",
+        "lchmod",
+        "chown",
+        "lchown",
+        "fchmod",
+        "fchown",
+        "utime",
+        "mkfifo",
+        "mknod",
+        "setxattr",
+        "removexattr",
+        "chflags",
+        "lchflags",
+    ):
         if hasattr(posix, name):
             patches[name] = one_path(name, getattr(posix, name))
     for name in ("rename", "replace", "link"):
         patches[name] = two_paths(name, getattr(posix, name))
     patches["symlink"] = two_paths("symlink", posix.symlink, check_src=False)
-    for name in ("fork", "forkpty", "vfork", "system", "popen", "posix_spawn", "posix_spawnp", "kill",
-                 "killpg", "setsid", "setpgid", "setpgrp", "chroot", "execv", "execve", "execl", "execle",
-                 "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                 "spawnl", "spawnle", "spawnlp", "spawnlpe", "pidfd_open"):
+    for name in (
+        "fork",
+        "forkpty",
+        "vfork",
+        "system",
+        "popen",
+        "posix_spawn",
+        "posix_spawnp",
+        "kill",
+        "killpg",
+        "setsid",
+        "setpgid",
+        "setpgrp",
+        "chroot",
+        "execv",
+        "execve",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "execvp",
+        "execvpe",
+        "spawnv",
+        "spawnve",
+        "spawnvp",
+        "spawnvpe",
+        "spawnl",
+        "spawnle",
+        "spawnlp",
+        "spawnlpe",
+        "pidfd_open",
+    ):
         if hasattr(os, name) or hasattr(posix, name):
             patches[name] = refused("os." + name)
     for name, fn in patches.items():
@@ -311,8 +361,11 @@ def _install_modules(cfg):
         sys.modules[name] = module
         exec(compile(source, module.__file__, "exec"), module.__dict__)
     info = types.ModuleType("omniopd_sandbox")
-    vars(info).update(payload=cfg.get("payload"), channel=tuple(cfg["channel"]) if cfg.get("channel") else None,
-                      workdir=cfg["workdir"])
+    vars(info).update(
+        payload=cfg.get("payload"),
+        channel=tuple(cfg["channel"]) if cfg.get("channel") else None,
+        workdir=cfg["workdir"],
+    )
     sys.modules["omniopd_sandbox"] = info
 
 

@@ -104,24 +104,32 @@ class _Peer:
         try:
             self.inbox.extend(self.reader.feed(data))
         except wire.ProtocolError as exc:
-            raise _End("failed" if self.name == "candidate" else "error",
-                       f"the {self.name} broke the protocol: {exc}") from None
+            raise _End(
+                "failed" if self.name == "candidate" else "error", f"the {self.name} broke the protocol: {exc}"
+            ) from None
 
 
 def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLimits) -> Verdict:
     """Run ``code`` against the judge's tests; never raises for anything the code does."""
     modules = {"omniopd_wire": program_text("wire.py")}
-    candidate = SandboxProcess(program_text("child_candidate.py"), limits.candidate, channel=True, modules=modules,
-                               payload={"code": code, "entry_point": entry_point})
-    judge = SandboxProcess(program_text("child_judge.py"), limits.judge, channel=True, modules=modules,
-                           payload=judge_payload)
+    candidate = SandboxProcess(
+        program_text("child_candidate.py"),
+        limits.candidate,
+        channel=True,
+        modules=modules,
+        payload={"code": code, "entry_point": entry_point},
+    )
+    judge = SandboxProcess(
+        program_text("child_judge.py"), limits.judge, channel=True, modules=modules, payload=judge_payload
+    )
     start = time.monotonic()
     used, reference = 0.0, None
     try:
         for proc in (candidate, judge):
             if not proc.start():
-                return Verdict(False, "error", proc.start_error or "the sandbox did not start",
-                               time.monotonic() - start, 0.0)
+                return Verdict(
+                    False, "error", proc.start_error or "the sandbox did not start", time.monotonic() - start, 0.0
+                )
         run = _Run(_Peer(candidate, "candidate"), _Peer(judge, "judge"), limits, start)
         try:
             run.loop()
@@ -179,15 +187,21 @@ class _Run:
             raise _End("timeout", f"time limit exceeded while loading the program (budget {self.budget:g}s)")
         if self.call_limit is not None and (self.budget is None or self.call_limit <= self.budget - self.used):
             raise _End("timeout", f"{self.label}: time limit of {self.call_limit:.2f}s exceeded")
-        raise _End("timeout", f"{self.label}: the program's time budget of {self.budget:g}s (loading and all calls) ran out")
+        raise _End(
+            "timeout", f"{self.label}: the program's time budget of {self.budget:g}s (loading and all calls) ran out"
+        )
 
     def _forward_call(self, message: dict) -> None:
         self.calls += 1
         self.label = str(message.get("label") or f"call #{self.calls}")[:100]
         limit = message.get("limit")
         self.call_limit = float(limit) if isinstance(limit, (int, float)) else None
-        call = {"op": "call", "args": message.get("args"), "digest": bool(message.get("digest")),
-                "project": message.get("project")}
+        call = {
+            "op": "call",
+            "args": message.get("args"),
+            "digest": bool(message.get("digest")),
+            "project": message.get("project"),
+        }
         if message.get("kwargs") is not None:
             call["kwargs"] = message["kwargs"]
         self.state, self.since = "calling", time.monotonic()
@@ -222,8 +236,11 @@ class _Run:
         if op == "verdict":
             status = str(message.get("status", "failed"))
             passed = bool(message.get("passed")) and status == "passed"
-            raise _End("passed" if passed else (status if status != "passed" else "failed"),
-                       str(message.get("detail", "")), message)
+            raise _End(
+                "passed" if passed else (status if status != "passed" else "failed"),
+                str(message.get("detail", "")),
+                message,
+            )
         if op == "budget" and self.limits.candidate_seconds is None:
             self.budget = float(message["seconds"])
         elif op == "reference":
@@ -247,8 +264,11 @@ class _Run:
             if self.judge.closed and not self.judge.inbox:
                 raise _End("error", "the judge ended without a verdict")
             if self.cand.closed and not self.cand.inbox and self.state != "ready":
-                where = {"starting": "before it started", "loading": "while loading",
-                         "calling": f"during {self.label}"}[self.state]
+                where = {
+                    "starting": "before it started",
+                    "loading": "while loading",
+                    "calling": f"during {self.label}",
+                }[self.state]
                 raise _End("candidate-died", f"the program's process ended {where}")
             now = time.monotonic()
             deadline = self._deadline()

@@ -30,8 +30,10 @@ MAX_DEPTH = 100  # nesting limit of an encoded value
 MAX_MESSAGE_BYTES = 1 << 30  # a larger frame is a protocol error
 _SAFE_INT = 1 << 53  # larger integers travel as hex text (no digit limit, exact)
 # builtin types that travel by name (a test may pass ``int`` as an argument, as MBPP's remove_datatype does)
-_TYPES: dict[str, type] = {t.__name__: t for t in (int, float, complex, str, bytes, bytearray, bool, list, tuple,
-                                                   dict, set, frozenset, type(None))}
+_TYPES: dict[str, type] = {
+    t.__name__: t
+    for t in (int, float, complex, str, bytes, bytearray, bool, list, tuple, dict, set, frozenset, type(None))
+}
 
 
 class Unsupported(TypeError):
@@ -92,7 +94,7 @@ def decode(data, depth: int = 0):
         return [decode(item, d) for item in data]
     if not isinstance(data, dict) or len(data) != 1:
         raise ProtocolError(f"malformed value: {type(data).__name__}")
-    (tag, body), = data.items()
+    ((tag, body),) = data.items()
     try:
         if tag == "int":
             return int(body, 16)
@@ -144,8 +146,8 @@ class FrameReader:
                 raise ProtocolError(f"message of {size} bytes is over the limit of {self._limit}")
             if len(self._buf) < 4 + size:
                 break
-            body = bytes(self._buf[4:4 + size])
-            del self._buf[:4 + size]
+            body = bytes(self._buf[4 : 4 + size])
+            del self._buf[: 4 + size]
             try:
                 message = json.loads(body)
             except (ValueError, RecursionError) as exc:
@@ -167,7 +169,7 @@ class Channel:
     def send(self, message: dict) -> None:
         data = memoryview(pack(message))
         while data:
-            data = data[os.write(self.write_fd, data):]
+            data = data[os.write(self.write_fd, data) :]
 
     def recv(self) -> dict | None:
         """The next message, or None when the other side closed the channel."""

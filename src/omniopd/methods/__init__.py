@@ -23,7 +23,20 @@ from omniopd.methods.sft import SFT, SFTTarget, sft_cache_path, teacher_solution
 METHODS: dict[str, Method] = {m.name: m for m in (OMNIOPD, SFT, OPD, GRPO)}
 
 __all__ = [
-    "METHODS", "Method", "NoTeacher", "SFTTarget", "StepSignal", "TeacherRole", "TrainState", "check_white_box_teacher",
-    "correctness_reward", "micro_batches", "sample_on_policy", "sft_cache_path", "teacher_scoring_batch",
-    "teacher_solutions", "teacher_tokenizer_differs", "visited_examples",
+    "METHODS",
+    "Method",
+    "NoTeacher",
+    "SFTTarget",
+    "StepSignal",
+    "TeacherRole",
+    "TrainState",
+    "check_white_box_teacher",
+    "correctness_reward",
+    "micro_batches",
+    "sample_on_policy",
+    "sft_cache_path",
+    "teacher_scoring_batch",
+    "teacher_solutions",
+    "teacher_tokenizer_differs",
+    "visited_examples",
 ]

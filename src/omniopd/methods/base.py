@@ -112,7 +112,6 @@ class OnPolicy:
         pass
 
 
-
 @dataclass
 class TrainState:
     """Everything a training step reads and updates (built by ``trainer.setup``)."""
@@ -192,8 +191,15 @@ def sample_on_policy(state: TrainState, examples: list[Example]) -> Rollouts:
     prompts = chat_prompts(state.tokenizer, [student_messages(ex.question, ex.instruction) for ex in examples])
     model = state.accelerator.unwrap_model(state.model)
     return sample_rollouts(
-        model, state.tokenizer, prompts, samples_per_prompt=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size, compile=r.compile,
+        model,
+        state.tokenizer,
+        prompts,
+        samples_per_prompt=r.samples_per_prompt,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        batch_size=r.batch_size,
+        compile=r.compile,
     )
 
 

@@ -33,8 +33,9 @@ from omniopd.rollout import Rollouts
 from omniopd.sharding import in_forward
 
 
-def correctness_reward(example: Example, text: str, code_reward: str = "fraction",
-                       insecure_no_isolation: bool = False) -> float:
+def correctness_reward(
+    example: Example, text: str, code_reward: str = "fraction", insecure_no_isolation: bool = False
+) -> float:
     """Math: 1.0 when the answer extracted from ``text`` equals the example's final answer (math-verify),
     else 0.0. Code (an example with unit tests): the share of its tests the extracted code passes
     (``code_reward="fraction"``), or 1.0 only when all pass (``"all"``), graded as evaluation grades
@@ -43,8 +44,13 @@ def correctness_reward(example: Example, text: str, code_reward: str = "fraction
         from omniopd.evaluation.code import grade_tests
 
         t = example.tests
-        g = grade_tests(text, t.asserts, setup=[*t.imports, t.setup_code], reference=example.reference,
-                        insecure_no_isolation=insecure_no_isolation)
+        g = grade_tests(
+            text,
+            t.asserts,
+            setup=[*t.imports, t.setup_code],
+            reference=example.reference,
+            insecure_no_isolation=insecure_no_isolation,
+        )
         return g.fraction if code_reward == "fraction" else float(g.passed)
     from omniopd.evaluation.mathgrade import answers_match, extract_answer
 
@@ -121,9 +127,16 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     for idx, sub in micro_batches(state, batch):
         logprobs, ref_kl = in_forward(state.model, _logprobs_and_ref_kl, state, sub, want_kl)
         out = grpo_loss(
-            GRPOInputs(student_logprobs=logprobs, old_logprobs=logprobs.detach(),  # one update per batch
-                       advantages=advantages[idx].to(device), response_mask=sub.response_mask, ref_kl=ref_kl),
-            normalizer=float(B), clip_eps=cfg.grpo.clip_eps, kl_coef=cfg.grpo.kl_coef,
+            GRPOInputs(
+                student_logprobs=logprobs,
+                old_logprobs=logprobs.detach(),  # one update per batch
+                advantages=advantages[idx].to(device),
+                response_mask=sub.response_mask,
+                ref_kl=ref_kl,
+            ),
+            normalizer=float(B),
+            clip_eps=cfg.grpo.clip_eps,
+            kl_coef=cfg.grpo.kl_coef,
         )
         state.accelerator.backward(out.loss)
         loss_sum += out.metrics["loss/grpo"]
@@ -140,7 +153,15 @@ def _no_teacher(cfg: RunConfig) -> None:
 
 
 GRPO = Method(
-    name="grpo", sample=sample_on_policy, audit=audit, backward=backward, prepare=prepare,
-    teacher_role=_no_teacher, on_policy=True, departures=sampling_departures, accumulate=nothing_to_accumulate,
-    labels=no_labels, not_applicable=always_applicable,
+    name="grpo",
+    sample=sample_on_policy,
+    audit=audit,
+    backward=backward,
+    prepare=prepare,
+    teacher_role=_no_teacher,
+    on_policy=True,
+    departures=sampling_departures,
+    accumulate=nothing_to_accumulate,
+    labels=no_labels,
+    not_applicable=always_applicable,
 )

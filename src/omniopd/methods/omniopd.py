@@ -34,14 +34,26 @@ def prepare(state: TrainState) -> None:
 
 def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> AuditResult:
     cfg = state.cfg
-    stats = (rollouts.entropy, rollouts.logprobs) if rollouts.entropy is not None and rollouts.logprobs is not None else None
+    stats = (
+        (rollouts.entropy, rollouts.logprobs)
+        if rollouts.entropy is not None and rollouts.logprobs is not None
+        else None
+    )
     result = run_audit(
-        step=state.step + 1, model=state.accelerator.unwrap_model(state.model), tokenizer=state.tokenizer,
-        batch=rollouts.batch, lengths=rollouts.lengths, examples=[examples[i] for i in rollouts.example_index],
-        teacher=state.teacher, audit_cfg=cfg.audit, teacher_cfg=cfg.teacher,
+        step=state.step + 1,
+        model=state.accelerator.unwrap_model(state.model),
+        tokenizer=state.tokenizer,
+        batch=rollouts.batch,
+        lengths=rollouts.lengths,
+        examples=[examples[i] for i in rollouts.example_index],
+        teacher=state.teacher,
+        audit_cfg=cfg.audit,
+        teacher_cfg=cfg.teacher,
         seed=cfg.seed + 104_729 * state.accelerator.process_index,  # rank 0: the one-process seeds
-        micro_batch_size=cfg.optim.micro_batch_size, slice_size=cfg.loss.slice_size,
-        record_trajectories=cfg.audit.record_trajectories, token_stats=stats,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        slice_size=cfg.loss.slice_size,
+        record_trajectories=cfg.audit.record_trajectories,
+        token_stats=stats,
     )
     return result
 
@@ -114,7 +126,15 @@ def _text_teacher(cfg: RunConfig) -> TeacherRole:
 
 
 OMNIOPD = Method(
-    name="omniopd", sample=sample_on_policy, audit=audit, backward=backward, prepare=prepare,
-    teacher_role=_text_teacher, on_policy=True, departures=departures, accumulate=accumulate,
-    labels=no_labels, not_applicable=always_applicable,
+    name="omniopd",
+    sample=sample_on_policy,
+    audit=audit,
+    backward=backward,
+    prepare=prepare,
+    teacher_role=_text_teacher,
+    on_policy=True,
+    departures=departures,
+    accumulate=accumulate,
+    labels=no_labels,
+    not_applicable=always_applicable,
 )

@@ -37,8 +37,10 @@ from omniopd.rollout import Rollouts, pack
 from omniopd.sharding import in_forward
 from omniopd.teachers.base import ContinuationRequest, Teacher
 
-NOT_APPLICABLE = ("not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
-                  "(the teacher's tokenizer differs)")
+NOT_APPLICABLE = (
+    "not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
+    "(the teacher's tokenizer differs)"
+)
 
 
 def check_white_box_teacher(teacher: Teacher, student_tokenizer, student_model) -> None:
@@ -49,8 +51,11 @@ def check_white_box_teacher(teacher: Teacher, student_tokenizer, student_model) 
         raise ConfigError(OPD_TEACHER_TYPE_ERROR.format(type=teacher.name.split(":")[0]))
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if t_vocab != s_vocab:
-        detail = (f"{len(t_vocab)} tokens vs the student's {len(s_vocab)}" if len(t_vocab) != len(s_vocab)
-                  else f"the same size, {len(s_vocab)} tokens, with different ids")
+        detail = (
+            f"{len(t_vocab)} tokens vs the student's {len(s_vocab)}"
+            if len(t_vocab) != len(s_vocab)
+            else f"the same size, {len(s_vocab)} tokens, with different ids"
+        )
         raise ConfigError(OPD_TOKENIZER_ERROR.format(teacher=teacher.name, detail=detail))
     t_head = teacher.model.get_output_embeddings().weight.shape[0]
     s_head = student_model.get_output_embeddings().weight.shape[0]
@@ -88,8 +93,12 @@ def prepare(state: TrainState) -> None:
 
 def teacher_scoring_batch(teacher, examples: list[Example], responses: list[list[int]]) -> SequenceBatch:
     """[the teacher's own prompt (privileged: with the reference) | the student's response token ids]."""
-    prompts = [teacher.prompt_text(ContinuationRequest(question=ex.question, prefix="", reference=ex.reference,
-                                                     instruction=ex.instruction)) for ex in examples]
+    prompts = [
+        teacher.prompt_text(
+            ContinuationRequest(question=ex.question, prefix="", reference=ex.reference, instruction=ex.instruction)
+        )
+        for ex in examples
+    ]
     return pack(teacher.tokenizer, prompts, responses, teacher.tokenizer.pad_token_id)
 
 
@@ -128,7 +137,9 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx, sub in micro_batches(state, batch):
         tsub = teacher_batch.select(idx).to(device)
-        same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(tsub.response_mask, sub.response_mask)
+        same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(
+            tsub.response_mask, sub.response_mask
+        )
         if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
             raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
         terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub)
@@ -137,7 +148,9 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
             inputs = OPDSampledInputs(student_logprobs=logp, teacher_logprobs=t_logp, response_mask=sub.response_mask)
             out = opd_sampled_loss(inputs, normalizer=float(B))
         else:
-            out = opd_full_loss(OPDFullInputs(reverse_kl=terms[0], response_mask=sub.response_mask), normalizer=float(B))
+            out = opd_full_loss(
+                OPDFullInputs(reverse_kl=terms[0], response_mask=sub.response_mask), normalizer=float(B)
+            )
         state.accelerator.backward(out.loss)
         loss_sum += out.metrics["loss/opd"]
         kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]
@@ -154,7 +167,15 @@ def labels(cfg: RunConfig) -> list[str]:
 
 
 OPD = Method(
-    name="opd", sample=sample_on_policy, audit=audit, backward=backward, prepare=prepare,
-    teacher_role=_logits_teacher, on_policy=True, departures=sampling_departures, accumulate=nothing_to_accumulate,
-    labels=labels, not_applicable=not_applicable,
+    name="opd",
+    sample=sample_on_policy,
+    audit=audit,
+    backward=backward,
+    prepare=prepare,
+    teacher_role=_logits_teacher,
+    on_policy=True,
+    departures=sampling_departures,
+    accumulate=nothing_to_accumulate,
+    labels=labels,
+    not_applicable=not_applicable,
 )

@@ -66,10 +66,15 @@ def sft_cache_path(cfg: RunConfig, teacher: Teacher) -> Path:
     root = Path(cfg.sft.cache_dir) if cfg.sft.cache_dir else cache_dir() / "sft-solutions"
     spec = {
         # privileged: an API teacher's flag (an in-process teacher's is its type)
-        "teacher": teacher.name, "type": cfg.teacher.type, "model": cfg.teacher.model,
+        "teacher": teacher.name,
+        "type": cfg.teacher.type,
+        "model": cfg.teacher.model,
         "privileged": getattr(cfg.teacher, "privileged", False),
-        "temperature": cfg.sft.temperature, "top_p": cfg.teacher.top_p, "max_new_tokens": cfg.sft.max_new_tokens,
-        "seed": cfg.seed, "instruction": ANSWER_INSTRUCTION,
+        "temperature": cfg.sft.temperature,
+        "top_p": cfg.teacher.top_p,
+        "max_new_tokens": cfg.sft.max_new_tokens,
+        "seed": cfg.seed,
+        "instruction": ANSWER_INSTRUCTION,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"{key}.jsonl"
@@ -94,22 +99,44 @@ def teacher_solutions(cfg: RunConfig, teacher: Teacher, examples: list[Example])
     missing = [ex for ex in examples if _example_key(ex) not in cached]
     if missing:
         tqdm.write(f"omniopd: sft: the teacher writes {len(missing)} solutions (once; cached in {path})")
-        spec = SamplingSpec(n=1, max_new_tokens=cfg.sft.max_new_tokens, temperature=cfg.sft.temperature,
-                            top_p=cfg.teacher.top_p, seed=cfg.seed)
-        requests = [ContinuationRequest(question=ex.question, prefix="", reference=ex.reference, trajectory=i,
-                                        instruction=ex.instruction)
-                    for i, ex in enumerate(missing)]
+        spec = SamplingSpec(
+            n=1,
+            max_new_tokens=cfg.sft.max_new_tokens,
+            temperature=cfg.sft.temperature,
+            top_p=cfg.teacher.top_p,
+            seed=cfg.seed,
+        )
+        requests = [
+            ContinuationRequest(
+                question=ex.question, prefix="", reference=ex.reference, trajectory=i, instruction=ex.instruction
+            )
+            for i, ex in enumerate(missing)
+        ]
         results = teacher.continue_prefixes(requests, spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
             for ex, res in zip(missing, results, strict=True):
                 if not res.ok or len(res.texts) != 1:
-                    raise TeacherError(f"sft: the teacher failed to write a solution for {ex.id}: {res.error or 'no text'}")
+                    raise TeacherError(
+                        f"sft: the teacher failed to write a solution for {ex.id}: {res.error or 'no text'}"
+                    )
                 # a completion shorter than the limit ended on EOS (the local teachers stop there)
-                target = SFTTarget(res.texts[0], res.completion_tokens < spec.max_new_tokens, res.prompt_tokens + res.completion_tokens)
+                target = SFTTarget(
+                    res.texts[0], res.completion_tokens < spec.max_new_tokens, res.prompt_tokens + res.completion_tokens
+                )
                 cached[_example_key(ex)] = target
-                fh.write(json.dumps({"key": _example_key(ex), "id": ex.id, "text": target.text, "finished": target.finished,
-                                     "teacher_tokens": target.teacher_tokens}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "key": _example_key(ex),
+                            "id": ex.id,
+                            "text": target.text,
+                            "finished": target.finished,
+                            "teacher_tokens": target.teacher_tokens,
+                        }
+                    )
+                    + "\n"
+                )
     return {_example_key(ex): cached[_example_key(ex)] for ex in examples}
 
 
@@ -120,7 +147,9 @@ def prepare(state: TrainState) -> None:
     if cfg.sft.source == "reference":
         no_ref = [ex.id for ex in examples if not ex.reference]
         if no_ref:
-            raise DataError(f"sft.source=reference needs reference solutions; {cfg.data.train} has none for {no_ref[0]} ({len(no_ref)} prompts)")
+            raise DataError(
+                f"sft.source=reference needs reference solutions; {cfg.data.train} has none for {no_ref[0]} ({len(no_ref)} prompts)"
+            )
         # every example has a reference (checked above)
         targets = {_example_key(ex): SFTTarget(clean_reference(ex.reference), True) for ex in examples if ex.reference}
     else:
@@ -145,7 +174,9 @@ def sample(state: TrainState, examples: list[Example]) -> Rollouts:
         responses.append(ids[:cap] + ([tok.eos_token_id] if done else []))
         finished.append(done)
     batch = pack(tok, prompts, responses, tok.pad_token_id)
-    return Rollouts(batch=batch, example_index=list(range(len(examples))), lengths=[len(r) for r in responses], finished=finished)
+    return Rollouts(
+        batch=batch, example_index=list(range(len(examples))), lengths=[len(r) for r in responses], finished=finished
+    )
 
 
 def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> StepSignal:
@@ -153,12 +184,14 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     used = [targets[_example_key(ex)] for ex in examples]
     from_teacher = state.cfg.sft.source == "teacher"
     n = len(rollouts.lengths)
-    return StepSignal(metrics={
-        "sft/target_mean_length": sum(rollouts.lengths) / max(n, 1),
-        "sft/target_truncated_frac": 1.0 - sum(rollouts.finished) / max(n, 1),
-        "teacher/tokens": float(sum(t.teacher_tokens for t in used)),
-        "teacher/requests": float(len(used)) if from_teacher else 0.0,
-    })
+    return StepSignal(
+        metrics={
+            "sft/target_mean_length": sum(rollouts.lengths) / max(n, 1),
+            "sft/target_truncated_frac": 1.0 - sum(rollouts.finished) / max(n, 1),
+            "teacher/tokens": float(sum(t.teacher_tokens for t in used)),
+            "teacher/requests": float(len(used)) if from_teacher else 0.0,
+        }
+    )
 
 
 def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
@@ -168,12 +201,19 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     loss_sum = nll_sum = n_tok = 0.0
     for _, sub in micro_batches(state, batch):
         stats = response_token_stats(state.model, sub, slice_size=cfg.loss.slice_size)
-        out = sft_loss(SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B))
+        out = sft_loss(
+            SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B)
+        )
         state.accelerator.backward(out.loss)
         loss_sum += out.metrics["loss/sft"]
         nll_sum += out.metrics["sft/nll_per_token"] * out.metrics["tokens/target"]
         n_tok += out.metrics["tokens/target"]
-    return {"loss/total": loss_sum, "loss/sft": loss_sum, "sft/nll_per_token": nll_sum / max(n_tok, 1.0), "sft/target_tokens": n_tok}
+    return {
+        "loss/total": loss_sum,
+        "loss/sft": loss_sum,
+        "sft/nll_per_token": nll_sum / max(n_tok, 1.0),
+        "sft/target_tokens": n_tok,
+    }
 
 
 def teacher_role(cfg: RunConfig) -> TeacherRole | None:
@@ -185,7 +225,15 @@ def labels(cfg: RunConfig) -> list[str]:
 
 
 SFT = Method(
-    name="sft", sample=sample, audit=audit, backward=backward, prepare=prepare,
-    teacher_role=teacher_role, on_policy=False, departures=no_departures, accumulate=nothing_to_accumulate,
-    labels=labels, not_applicable=always_applicable,
+    name="sft",
+    sample=sample,
+    audit=audit,
+    backward=backward,
+    prepare=prepare,
+    teacher_role=teacher_role,
+    on_policy=False,
+    departures=no_departures,
+    accumulate=nothing_to_accumulate,
+    labels=labels,
+    not_applicable=always_applicable,
 )

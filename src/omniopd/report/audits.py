@@ -14,7 +14,6 @@ MAX_AUDIT_BYTES = 12_000_000  # subsampled evenly (first and last kept) and the 
 _CONTEXT_CHARS = 160  # response text shown before a chunk in the panel (what the teacher's prefix ends with)
 
 
-
 # --------------------------------------------------------------------------------------------- audits
 
 
@@ -98,18 +97,20 @@ def _prepare_record(rec: dict) -> dict:
         span = _locate(response, ch)
         if span is not None:
             spans.append((span[0], span[1], i))
-        chunks.append({
-            "start": _finite(ch.get("start")),
-            "end": _finite(ch.get("end")),
-            "entropy": _finite(ch.get("entropy")),
-            "k_sem": _finite(ch.get("k_sem")),
-            "prior_mean": _finite(ch.get("prior_mean")),
-            "target": _finite(ch.get("target")),
-            "student_text": _text(ch.get("student_text")),
-            "continuations": [_text(c) for c in conts],
-            "phi_scores": [_finite(p) for p in phis],
-            "context": response[max(0, span[0] - _CONTEXT_CHARS) : span[0]] if span else "",
-        })
+        chunks.append(
+            {
+                "start": _finite(ch.get("start")),
+                "end": _finite(ch.get("end")),
+                "entropy": _finite(ch.get("entropy")),
+                "k_sem": _finite(ch.get("k_sem")),
+                "prior_mean": _finite(ch.get("prior_mean")),
+                "target": _finite(ch.get("target")),
+                "student_text": _text(ch.get("student_text")),
+                "continuations": [_text(c) for c in conts],
+                "phi_scores": [_finite(p) for p in phis],
+                "context": response[max(0, span[0] - _CONTEXT_CHARS) : span[0]] if span else "",
+            }
+        )
     segs, placed = _segments(response, spans)
     for i, ch in enumerate(chunks):
         ch["placed"] = i in placed
@@ -143,8 +144,10 @@ def _subsample(records: list[dict], max_records: int, max_bytes: int) -> tuple[l
     else:
         kept = {steps[round(i * (len(steps) - 1) / (keep_n - 1))] for i in range(keep_n)}
     out = [r for r in records if r["step"] in kept]
-    note = (f"{len(records)} audit records from {len(steps)} steps ({total / 1e6:.1f} MB): showing the "
-            f"{len(out)} records of {len(kept)} evenly spaced steps, to keep this page light")
+    note = (
+        f"{len(records)} audit records from {len(steps)} steps ({total / 1e6:.1f} MB): showing the "
+        f"{len(out)} records of {len(kept)} evenly spaced steps, to keep this page light"
+    )
     return out, note
 
 

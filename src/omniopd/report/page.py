@@ -21,7 +21,13 @@ from omniopd.report.plots import _EVAL_KEY, _eval_keys
 def _json_for_script(obj: Any) -> str:
     text = json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     # nothing inside can close the <script> tag or open a comment; JSON.parse undoes these escapes
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 def _config_summary(cfg_text: str) -> list[tuple[str, str]]:
@@ -47,7 +53,15 @@ def _config_summary(cfg_text: str) -> list[tuple[str, str]]:
     items = [
         ("student", get("student", "name")),
         ("teacher", f"{teacher}:{tmodel or '(student base)'}" if teacher else None),
-        ("audit", ", ".join(f"{k}={get('audit', k)}" for k in ("chunk_tokens", "num_chunks", "teacher_samples", "phi", "anchors") if get("audit", k) is not None) or None),
+        (
+            "audit",
+            ", ".join(
+                f"{k}={get('audit', k)}"
+                for k in ("chunk_tokens", "num_chunks", "teacher_samples", "phi", "anchors")
+                if get("audit", k) is not None
+            )
+            or None,
+        ),
         ("train data", get("data", "train")),
         ("max steps", get("max_steps")),
         ("seed", get("seed")),
@@ -73,7 +87,11 @@ def _summary(rows: list[tuple[int, dict]]) -> list[tuple[str, str]]:
         bench = _EVAL_KEY.match(key).group(1)  # type: ignore[union-attr]
         pairs = sorted(zip(xs, ys), key=lambda p: p[0])
         first, last = pairs[0], pairs[-1]
-        text = f"{last[1]:.3f} at step {last[0]}" if len(pairs) == 1 else f"{first[1]:.3f} (step {first[0]}) → {last[1]:.3f} (step {last[0]})"
+        text = (
+            f"{last[1]:.3f} at step {last[0]}"
+            if len(pairs) == 1
+            else f"{first[1]:.3f} (step {first[0]}) → {last[1]:.3f} (step {last[0]})"
+        )
         out.append((f"eval {bench} accuracy", text))
     return out
 
@@ -82,7 +100,9 @@ def _dl(items: list[tuple[str, str]]) -> str:
     return "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
 
 
-def _render_html(run_dir: Path, rows, plots, missing_plots, metric_notes, records, audit_notes, cfg_text, cfg_note) -> str:
+def _render_html(
+    run_dir: Path, rows, plots, missing_plots, metric_notes, records, audit_notes, cfg_text, cfg_note
+) -> str:
     e = html.escape
     plot_html = "".join(
         f'<figure id="plot-{e(name[:-4])}"><figcaption>{e(title)}</figcaption>'
@@ -97,7 +117,11 @@ def _render_html(run_dir: Path, rows, plots, missing_plots, metric_notes, record
     cfg_items = _config_summary(cfg_text) if cfg_text else []
     cfg_html = (
         (f"<dl class='kv'>{_dl(cfg_items)}</dl>" if cfg_items else "")
-        + (f"<details open><summary>config.yaml</summary><pre id='config-text'>{e(cfg_text)}</pre></details>" if cfg_text else "")
+        + (
+            f"<details open><summary>config.yaml</summary><pre id='config-text'>{e(cfg_text)}</pre></details>"
+            if cfg_text
+            else ""
+        )
         + (f'<p class="note">{e(cfg_note)}</p>' if cfg_note else "")
     )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -108,7 +132,9 @@ def _render_html(run_dir: Path, rows, plots, missing_plots, metric_notes, record
         "SUMMARY": _dl(_summary(rows)),
         "METRIC_NOTES": notes_html,
         "PLOTS": plot_html,
-        "MISSING": f"<details class='missing'><summary>not plotted ({len(missing_plots)})</summary><ul>{missing_html}</ul></details>" if missing_plots else "",
+        "MISSING": f"<details class='missing'><summary>not plotted ({len(missing_plots)})</summary><ul>{missing_html}</ul></details>"
+        if missing_plots
+        else "",
         "AUDIT_NOTES": audit_notes_html,
         "CONFIG": cfg_html,
         "CSS": _asset("viewer.css"),

@@ -22,7 +22,6 @@ PLOT_FILES = (
 _EVAL_KEY = re.compile(r"^eval/(.+)/accuracy$")
 
 
-
 # --------------------------------------------------------------------------------------------- plots
 
 
@@ -200,7 +199,11 @@ def _plot_optim(rows):
     lx, lr = _series(rows, "optim/lr")
     gx, gn = _series(rows, "optim/grad_norm")
     sx, st = _series(rows, "time/step_s")
-    panels = [p for p in [(lx, lr, "learning rate"), (gx, gn, "grad norm (before clipping)"), (sx, st, "step time (s)")] if p[0]]
+    panels = [
+        p
+        for p in [(lx, lr, "learning rate"), (gx, gn, "grad norm (before clipping)"), (sx, st, "step time (s)")]
+        if p[0]
+    ]
     if not panels:
         return None
     fig, axes = _new_figure(len(panels), 2.0)

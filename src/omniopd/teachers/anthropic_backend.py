@@ -121,8 +121,15 @@ class AnthropicTeacher(APITeacher):
     def response_cache_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The payload with every turn as one plain string: the cache blocks depend on which prefixes of the
         task the registry has seen (earlier steps included), not on the request."""
-        messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-                     else "".join(block["text"] for block in m["content"])} for m in payload["messages"]]
+        messages = [
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else "".join(block["text"] for block in m["content"]),
+            }
+            for m in payload["messages"]
+        ]
         return {**payload, "messages": messages}
 
     def build_payload(

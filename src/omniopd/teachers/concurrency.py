@@ -55,9 +55,7 @@ class Slot:
 class ConcurrencyLimit:
     """The requests in flight of one teacher, within one asyncio event loop (not thread-safe)."""
 
-    def __init__(
-        self, ceiling: int, floor: int = 1, adaptive: bool = True, timeout_s: float | None = None
-    ) -> None:
+    def __init__(self, ceiling: int, floor: int = 1, adaptive: bool = True, timeout_s: float | None = None) -> None:
         if not 1 <= floor <= ceiling:
             raise ValueError(f"need 1 <= min_concurrency <= max_concurrency, got {floor} and {ceiling}")
         self.ceiling = ceiling

@@ -45,7 +45,9 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except ImportError as err:
-        raise ConfigError(f"teacher.type={t.type} needs the {extra} SDK: pip install 'omniopd[{extra}]' ({err})") from None
+        raise ConfigError(
+            f"teacher.type={t.type} needs the {extra} SDK: pip install 'omniopd[{extra}]' ({err})"
+        ) from None
     cache_path = None
     if t.cache:
         cache_root = Path(os.environ.get("OMNIOPD_CACHE", Path.home() / ".cache" / "omniopd"))

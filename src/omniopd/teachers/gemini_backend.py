@@ -142,7 +142,9 @@ class GeminiTeacher(APITeacher):
             getattr(usage, "thoughts_token_count", 0) or 0
         )
         return RawResponse(
-            texts=texts, prompt_tokens=int(getattr(usage, "prompt_token_count", 0) or 0), completion_tokens=out_tokens,
+            texts=texts,
+            prompt_tokens=int(getattr(usage, "prompt_token_count", 0) or 0),
+            completion_tokens=out_tokens,
             cached_tokens=int(getattr(usage, "cached_content_token_count", 0) or 0),  # included in prompt_token_count
         )
 

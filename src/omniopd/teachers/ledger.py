@@ -41,7 +41,8 @@ class BudgetLedger:
         price_cache_write_per_mtok: float | None = None,
     ) -> None:
         self.prices = Prices(
-            input=price_input_per_mtok, output=price_output_per_mtok,
+            input=price_input_per_mtok,
+            output=price_output_per_mtok,
             cached_input=price_input_per_mtok if price_cached_input_per_mtok is None else price_cached_input_per_mtok,
             cache_write=price_input_per_mtok if price_cache_write_per_mtok is None else price_cache_write_per_mtok,
         )
@@ -65,16 +66,27 @@ class BudgetLedger:
         """The ledger of a ``backend`` teacher serving ``model``: prices from ``options``, the rest from the price
         table (``teachers.prices``). A cost cap with nothing priced is a :class:`ConfigError` (it could never
         trigger)."""
-        prices = resolve_prices(model, PROVIDER_OF_BACKEND.get(backend, "openai"), input=options.price_input_per_mtok,
-                                output=options.price_output_per_mtok, cached_input=options.price_cached_input_per_mtok,
-                                cache_write=options.price_cache_write_per_mtok)
+        prices = resolve_prices(
+            model,
+            PROVIDER_OF_BACKEND.get(backend, "openai"),
+            input=options.price_input_per_mtok,
+            output=options.price_output_per_mtok,
+            cached_input=options.price_cached_input_per_mtok,
+            cache_write=options.price_cache_write_per_mtok,
+        )
         if options.max_cost_usd is not None and not prices.known:
             raise ConfigError(
                 f"teacher.max_cost_usd needs prices: {model!r} is not in the price table (omniopd/teachers/prices.py); "
                 "set teacher.price_input_per_mtok and teacher.price_output_per_mtok"
             )
-        return cls(prices.input, prices.output, options.max_cost_usd, options.max_total_tokens,
-                   price_cached_input_per_mtok=prices.cached_input, price_cache_write_per_mtok=prices.cache_write)
+        return cls(
+            prices.input,
+            prices.output,
+            options.max_cost_usd,
+            options.max_total_tokens,
+            price_cached_input_per_mtok=prices.cached_input,
+            price_cache_write_per_mtok=prices.cache_write,
+        )
 
     @property
     def cost_usd(self) -> float:
@@ -86,8 +98,11 @@ class BudgetLedger:
             cost, total = self.cost_usd, self.tokens_in + self.tokens_out
             cached, written = self.cached_tokens, self.cache_write_tokens
         if self.max_cost_usd is not None and cost >= self.max_cost_usd:
-            cache = (f", {cached} of them read from the prompt cache and {written} written to it"
-                     if cached or written else "")
+            cache = (
+                f", {cached} of them read from the prompt cache and {written} written to it"
+                if cached or written
+                else ""
+            )
             raise TeacherError(
                 f"teacher budget reached: estimated cost ${cost:.4f} >= max_cost_usd ${self.max_cost_usd:.4f} "
                 f"after {self.requests} requests ({self.tokens_in} tokens in{cache}, {self.tokens_out} out); "
@@ -103,8 +118,9 @@ class BudgetLedger:
         with self._lock:
             self.requests += 1
 
-    def record_success(self, tokens_in: int, tokens_out: int, latency_s: float, cached_tokens: int = 0,
-                       cache_write_tokens: int = 0) -> None:
+    def record_success(
+        self, tokens_in: int, tokens_out: int, latency_s: float, cached_tokens: int = 0, cache_write_tokens: int = 0
+    ) -> None:
         """``tokens_in`` is the whole prompt, ``cached_tokens`` and ``cache_write_tokens`` parts of it."""
         with self._lock:
             self.tokens_in += tokens_in

@@ -61,8 +61,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LocalTeacher(Teacher):
     tokenizer: PreTrainedTokenizerBase
 
-    def __init__(self, model, tokenizer, name: str, privileged: bool, batch_size: int = 32, reuse_prefix: bool = True,
-                 share_prefixes: bool = False, compile: str = "off"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        privileged: bool,
+        batch_size: int = 32,
+        reuse_prefix: bool = True,
+        share_prefixes: bool = False,
+        compile: str = "off",
+    ):
         self.model = model
         self.compile = decoding.check_mode(compile)
         self.reuse_prefix = reuse_prefix
@@ -76,8 +85,16 @@ class LocalTeacher(Teacher):
 
     @classmethod
     def from_name(
-        cls, name: str, privileged: bool, batch_size: int = 32, dtype: str = "float32", model=None, tokenizer=None,
-        reuse_prefix: bool = True, share_prefixes: bool = False, compile: str = "off",
+        cls,
+        name: str,
+        privileged: bool,
+        batch_size: int = 32,
+        dtype: str = "float32",
+        model=None,
+        tokenizer=None,
+        reuse_prefix: bool = True,
+        share_prefixes: bool = False,
+        compile: str = "off",
     ):
         if model is None or tokenizer is None:
             model, tokenizer = load_model(name, dtype)
@@ -156,8 +173,12 @@ class LocalTeacher(Teacher):
         if cache is None:
             cache = DynamicCache(config=self.model.config)
             self.model(
-                input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=position_ids(att)[:, :-1],
-                cache=cache, use_cache=True, logits_to_keep=1,  # only the cache is wanted, not (B, P, V) logits
+                input_ids=ids[:, :-1],
+                attention_mask=att[:, :-1],
+                position_ids=position_ids(att)[:, :-1],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the cache is wanted, not (B, P, V) logits
             )
             self.prefill_stats["computed"] += int(att[:, :-1].sum())
         ids_n, att_n = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)

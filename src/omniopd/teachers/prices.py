@@ -22,13 +22,19 @@ Provider = Literal["anthropic", "openai", "gemini"]
 
 #: the provider whose pricing and cache rules each API backend follows
 PROVIDER_OF_BACKEND: dict[str, Provider] = {
-    "anthropic-messages": "anthropic", "openai-completions": "openai", "openai-chat": "openai", "gemini": "gemini",
+    "anthropic-messages": "anthropic",
+    "openai-completions": "openai",
+    "openai-chat": "openai",
+    "gemini": "gemini",
 }
 #: minimum cacheable prompt for a model not in the table: the most common documented figure per provider
 DEFAULT_MIN_CACHE_TOKENS: dict[Provider, int] = {"anthropic": 1024, "openai": 1024, "gemini": 2048}
 #: cached-read and cache-write price as a multiple of the input price, for a model not in the table
-DEFAULT_MULTIPLIERS: dict[Provider, tuple[float, float]] = {"anthropic": (0.1, 1.25), "openai": (1.0, 1.0),
-                                                           "gemini": (1.0, 1.0)}
+DEFAULT_MULTIPLIERS: dict[Provider, tuple[float, float]] = {
+    "anthropic": (0.1, 1.25),
+    "openai": (1.0, 1.0),
+    "gemini": (1.0, 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,33 @@ class Prices:
         """Whether anything is priced at all (a cost cap needs it)."""
         return self.input > 0 or self.output > 0 or self.cached_input > 0 or self.cache_write > 0
 
-    def cost_usd(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0.0,
-                 cache_write_tokens: float = 0.0) -> float:
+    def cost_usd(
+        self,
+        prompt_tokens: float,
+        completion_tokens: float,
+        cached_tokens: float = 0.0,
+        cache_write_tokens: float = 0.0,
+    ) -> float:
         """Dollars for ``prompt_tokens`` in total, of which ``cached_tokens`` were read from the cache and
         ``cache_write_tokens`` written to it (each prompt token is billed at exactly one of the three rates)."""
         uncached = prompt_tokens - cached_tokens - cache_write_tokens
-        return (uncached * self.input + cached_tokens * self.cached_input + cache_write_tokens * self.cache_write
-                + completion_tokens * self.output) / 1e6
+        return (
+            uncached * self.input
+            + cached_tokens * self.cached_input
+            + cache_write_tokens * self.cache_write
+            + completion_tokens * self.output
+        ) / 1e6
 
 
-def resolve_prices(model: str, provider: Provider, *, input: float | None = None, output: float | None = None,
-                   cached_input: float | None = None, cache_write: float | None = None) -> Prices:
+def resolve_prices(
+    model: str,
+    provider: Provider,
+    *,
+    input: float | None = None,
+    output: float | None = None,
+    cached_input: float | None = None,
+    cache_write: float | None = None,
+) -> Prices:
     """Explicit prices win. Otherwise input/output come from the table (0 for an unknown model), and the cached
     and write prices from the input price by the table's ratios (a known model) or the provider's multipliers
     (``DEFAULT_MULTIPLIERS``)."""
@@ -101,9 +123,12 @@ def resolve_prices(model: str, provider: Provider, *, input: float | None = None
     else:
         read_x, write_x = DEFAULT_MULTIPLIERS[provider]
     default_read, default_write = p_in * read_x, p_in * write_x
-    return Prices(input=p_in, output=p_out,
-                  cached_input=cached_input if cached_input is not None else default_read,
-                  cache_write=cache_write if cache_write is not None else default_write)
+    return Prices(
+        input=p_in,
+        output=p_out,
+        cached_input=cached_input if cached_input is not None else default_read,
+        cache_write=cache_write if cache_write is not None else default_write,
+    )
 
 
 def min_cache_tokens(model: str, provider: Provider) -> int:
@@ -113,6 +138,14 @@ def min_cache_tokens(model: str, provider: Provider) -> int:
 
 
 __all__ = [
-    "DEFAULT_MIN_CACHE_TOKENS", "DEFAULT_MULTIPLIERS", "KNOWN_MODELS", "PROVIDER_OF_BACKEND", "ModelPrice", "Prices",
-    "Provider", "known_model", "min_cache_tokens", "resolve_prices",
+    "DEFAULT_MIN_CACHE_TOKENS",
+    "DEFAULT_MULTIPLIERS",
+    "KNOWN_MODELS",
+    "PROVIDER_OF_BACKEND",
+    "ModelPrice",
+    "Prices",
+    "Provider",
+    "known_model",
+    "min_cache_tokens",
+    "resolve_prices",
 ]

@@ -119,8 +119,9 @@ def task_key(messages: Sequence[dict[str, Any]]) -> str:
     return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)
 
 
-def shape_prefill(messages: list[dict[str, str]], boundaries: Sequence[int], min_tokens: int,
-                  max_breakpoints: int = MAX_BREAKPOINTS) -> list[dict[str, Any]]:
+def shape_prefill(
+    messages: list[dict[str, str]], boundaries: Sequence[int], min_tokens: int, max_breakpoints: int = MAX_BREAKPOINTS
+) -> list[dict[str, Any]]:
     """``messages`` (plain-string turns, the last one possibly the prefilled assistant answer) with the answer
     cut into text blocks at ``boundaries`` (character offsets into it) and ``cache_control`` on the last
     ``max_breakpoints`` block ends whose prefix reaches ``min_tokens`` (approximate tokens). Returned unchanged
@@ -193,14 +194,16 @@ def message_blocks(body: dict[str, Any]) -> list[Block]:
 
 def chat_prompt_text(messages: Sequence[dict[str, Any]]) -> str:
     """An OpenAI chat request's prompt as one string, turn by turn (what its prefix cache sees)."""
-    return "".join(f"<|{m['role']}|>{m['content'] if isinstance(m['content'], str) else m['content']!r}"
-                   for m in messages)
+    return "".join(
+        f"<|{m['role']}|>{m['content'] if isinstance(m['content'], str) else m['content']!r}" for m in messages
+    )
 
 
 def gemini_prompt_text(contents: Sequence[dict[str, Any]]) -> str:
     """A Gemini ``contents`` list as one string, turn by turn."""
-    return "".join(f"<|{c.get('role', 'user')}|>" + "".join(p.get("text") or "" for p in c.get("parts") or [])
-                   for c in contents)
+    return "".join(
+        f"<|{c.get('role', 'user')}|>" + "".join(p.get("text") or "" for p in c.get("parts") or []) for c in contents
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,8 +231,13 @@ class BreakpointCache:
     """Anthropic's explicit cache. :meth:`lookup` is called when a request arrives (reads, and refreshes what it
     reads); :meth:`commit` with what it returned once the answer begins (writes become visible)."""
 
-    def __init__(self, min_tokens: MinTokens, ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.monotonic,
-                 lookback: int = LOOKBACK_BLOCKS) -> None:
+    def __init__(
+        self,
+        min_tokens: MinTokens,
+        ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+        lookback: int = LOOKBACK_BLOCKS,
+    ) -> None:
         self.min_tokens, self.ttl_s, self._clock, self.lookback = min_tokens, ttl_s, clock, lookback
         self._entries: dict[str, float] = {}  # prefix hash -> expiry
         self._lock = threading.Lock()
@@ -279,8 +287,13 @@ class PrefixCache:
     """OpenAI's and Gemini's automatic caches: every prompt of at least the minimum is stored; a later prompt
     reads the longest prefix it shares with a stored one, counted from the minimum in steps of ``increment``."""
 
-    def __init__(self, min_tokens: MinTokens, increment: int = 1, ttl_s: float = CACHE_TTL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        min_tokens: MinTokens,
+        increment: int = 1,
+        ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.min_tokens, self.increment, self.ttl_s, self._clock = min_tokens, increment, ttl_s, clock
         self._prompts: dict[tuple[str, str], dict[str, float]] = {}  # (model, first min tokens) -> prompt -> expiry
         self._lock = threading.Lock()
@@ -330,7 +343,20 @@ class PrefixCache:
 
 
 __all__ = [
-    "CACHE_TTL_S", "EPHEMERAL", "LOOKBACK_BLOCKS", "MAX_BREAKPOINTS", "OPENAI_INCREMENT", "Block", "BreakpointCache",
-    "CacheUsage", "PrefixCache", "PrefixRegistry", "approx_tokens", "chat_prompt_text", "gemini_prompt_text",
-    "message_blocks", "shape_prefill", "task_key",
+    "CACHE_TTL_S",
+    "EPHEMERAL",
+    "LOOKBACK_BLOCKS",
+    "MAX_BREAKPOINTS",
+    "OPENAI_INCREMENT",
+    "Block",
+    "BreakpointCache",
+    "CacheUsage",
+    "PrefixCache",
+    "PrefixRegistry",
+    "approx_tokens",
+    "chat_prompt_text",
+    "gemini_prompt_text",
+    "message_blocks",
+    "shape_prefill",
+    "task_key",
 ]

@@ -32,7 +32,7 @@ _HINTS = {
     403: "check the API key in {key_env} and its access to this model",
     404: "unknown model or wrong URL: check teacher.model and teacher.base_url",
     "rejected": "the server does not accept the request: check teacher options such as extra_body, send_seed, "
-                "max_tokens_field and send_sampling_params",
+    "max_tokens_field and send_sampling_params",
     "unreachable": "is the server running? check teacher.base_url",
 }
 _UNREACHABLE_ERRNO = frozenset({errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL})
@@ -100,7 +100,7 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def unreachable_cause(exc: BaseException) -> str | None:
-    """"connection refused" (or "host not found", ...) when ``exc`` was caused by a connection that could not be
+    """ "connection refused" (or "host not found", ...) when ``exc`` was caused by a connection that could not be
     made because nothing answers at the address; None otherwise. The SDKs wrap the socket error a few times
     (``APIConnectionError`` from ``httpx.ConnectError`` from ``OSError``), so the whole chain is searched."""
     seen: set[int] = set()
@@ -140,12 +140,20 @@ def classify_exception(exc: BaseException, transient: tuple[type[BaseException],
         if status in FATAL_STATUS:
             return Failure(retryable=False, fatal=True, message=message, permanent=True, hint=_HINTS[status])
         rejected = status in REJECTED_STATUS
-        return Failure(retryable=status in RETRYABLE_STATUS, fatal=False, message=message, retry_after_s=retry_after,
-                       overload=status in OVERLOAD_STATUS, permanent=rejected, hint=_HINTS["rejected"] if rejected else "")
+        return Failure(
+            retryable=status in RETRYABLE_STATUS,
+            fatal=False,
+            message=message,
+            retry_after_s=retry_after,
+            overload=status in OVERLOAD_STATUS,
+            permanent=rejected,
+            hint=_HINTS["rejected"] if rejected else "",
+        )
     if transient and isinstance(exc, transient):
         cause = unreachable_cause(exc)
         if cause is not None:
             return Failure(retryable=False, fatal=False, message=cause, permanent=True, hint=_HINTS["unreachable"])
-        return Failure(retryable=True, fatal=False, message=f"{type(exc).__name__}: {_one_line(str(exc))}",
-                       overload=True)
+        return Failure(
+            retryable=True, fatal=False, message=f"{type(exc).__name__}: {_one_line(str(exc))}", overload=True
+        )
     return None

@@ -485,8 +485,9 @@ class APITeacher(Teacher):
                     slot.latency_s = latency
                     prompt_tokens = raw.prompt_tokens or estimate_tokens(str(payload))
                     completion_tokens = raw.completion_tokens or sum(estimate_tokens(t) for t in raw.texts)
-                    self.ledger.record_success(prompt_tokens, completion_tokens, latency, raw.cached_tokens,
-                                               raw.cache_write_tokens)
+                    self.ledger.record_success(
+                        prompt_tokens, completion_tokens, latency, raw.cached_tokens, raw.cache_write_tokens
+                    )
                     if self.cache is not None and raw.texts:
                         try:
                             self.cache.put(

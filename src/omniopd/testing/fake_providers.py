@@ -163,7 +163,10 @@ class FakeProviderServer:
     """Start with ``with FakeProviderServer() as server:`` (or ``start()``/``stop()``)."""
 
     def __init__(
-        self, latency_s: float = 0.0, max_choices: int | None = None, chat_preamble: str = "",
+        self,
+        latency_s: float = 0.0,
+        max_choices: int | None = None,
+        chat_preamble: str = "",
         max_in_flight: int | None = None,
     ) -> None:
         self.latency_s = latency_s
@@ -262,8 +265,9 @@ class FakeProviderServer:
         return text_cache.lookup(model or str(body.get("model", "")), text)
 
     def prompt_cache_commit(self, route: str, pending: list) -> None:
-        provider: Provider = "anthropic" if route.startswith("anthropic") else "gemini" if route.startswith(
-            "gemini") else "openai"
+        provider: Provider = (
+            "anthropic" if route.startswith("anthropic") else "gemini" if route.startswith("gemini") else "openai"
+        )
         self._prompt_caches[provider].commit(pending)
 
     def count(self, route: str | None = None) -> int:
@@ -287,7 +291,12 @@ class FakeProviderServer:
         return [" " + " ".join(rng.choice(_WORDS) for _ in range(words)) for _ in range(asked)]
 
     def answer(
-        self, route: str, body: dict[str, Any], fault: Fault | None, serial: int, model: str = "",
+        self,
+        route: str,
+        body: dict[str, Any],
+        fault: Fault | None,
+        serial: int,
+        model: str = "",
         usage: CacheUsage | None = None,
     ) -> dict[str, Any]:
         if route.startswith("openai"):
