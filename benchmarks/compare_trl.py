@@ -297,7 +297,8 @@ def main() -> None:
         overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
     with contextlib.ExitStack() as stack:
         if args.api_teacher_latency is not None:
-            from pipeline import NO_KEY_ENV, ServerProcess  # benchmarks/pipeline.py: the fake provider in a child
+            from pipeline import NO_KEY_ENV
+            from teacher_io import ServerProcess  # the fake provider in a child process
 
             server = stack.enter_context(ServerProcess(args.api_teacher_latency))
             overrides = [

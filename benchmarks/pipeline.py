@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -33,7 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_io import ServerProcess  # noqa: E402  (the fake provider in a child process)
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_KEY_ENV = "OMNIOPD_BENCH_UNSET_KEY"
@@ -50,36 +51,6 @@ PER_STEP = {
     "audit_s": "time/audit_s", "teacher_s": "time/teacher_s", "teacher_wait_s": "time/teacher_wait_s",
     "overlap_s": "time/overlap_s", "loss_backward_s": "time/loss_backward_s", "teacher_requests": "teacher/requests",
 }
-
-
-class ServerProcess:
-    """The fake provider with ``latency_s`` in a child process (``with`` it: ``.url`` is its address)."""
-
-    def __init__(self, latency_s: float) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, latency_s), daemon=True)
-
-    def __enter__(self) -> ServerProcess:
-        self._proc.start()
-        self.url = self._conn.recv()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._conn.send("stop")
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=10)
-
-
-def _serve(conn: Any, latency_s: float) -> None:
-    from omniopd.testing.fake_providers import FakeProviderServer
-
-    with FakeProviderServer(latency_s=latency_s) as server:
-        conn.send(server.url)
-        while conn.recv() != "stop":
-            pass
 
 
 def _per_step(row: dict) -> dict:
