@@ -194,7 +194,7 @@ def rollout_calls(cfg: RunConfig, prompts: int) -> tuple[list, int]:
     from omniopd.data import PromptStream
     from omniopd.models import load_model
     from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, sample_rollouts
+    from omniopd.rollout import chat_prompts, sample_rollouts_as
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.student.name, cfg.student.dtype)
@@ -206,16 +206,7 @@ def rollout_calls(cfg: RunConfig, prompts: int) -> tuple[list, int]:
     for step in range(max(1, math.ceil(prompts / cfg.optim.prompts_per_step))):
         examples = stream.next_batch()
         prompts_text = chat_prompts(tok, [student_messages(e.question, e.instruction) for e in examples])
-        ro = sample_rollouts(
-            model,
-            tok,
-            prompts_text,
-            samples_per_prompt=r.samples_per_prompt,
-            max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            batch_size=r.batch_size,
-        )
+        ro = sample_rollouts_as(model, tok, prompts_text, r)
         stats = (ro.entropy, ro.logprobs) if ro.entropy is not None and ro.logprobs is not None else None
         run_audit(
             step=step + 1,

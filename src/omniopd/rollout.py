@@ -222,3 +222,19 @@ def sample_rollouts(
         logprobs=logprobs,
         metrics={"time/compile_s": decoding.compile_seconds(model) - compiled_before},
     )
+
+
+def sample_rollouts_as(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
+    """:func:`sample_rollouts` with the sampling a run's ``rollout`` config section sets (compile included)."""
+    r = rollout
+    return sample_rollouts(
+        model,
+        tokenizer,
+        prompts,
+        samples_per_prompt=r.samples_per_prompt,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        batch_size=r.batch_size,
+        compile=r.compile,
+    )

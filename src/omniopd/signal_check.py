@@ -38,7 +38,7 @@ from omniopd.config import RunConfig, build_config
 from omniopd.errors import ConfigError
 from omniopd.models import load_model
 from omniopd.prompts import student_messages
-from omniopd.rollout import chat_prompts, sample_rollouts
+from omniopd.rollout import chat_prompts, sample_rollouts_as
 from omniopd.stats import mean_se, pearson
 from omniopd.teacher_config import APITeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
 from omniopd.teachers import build_teacher
@@ -195,16 +195,7 @@ def check_signal(cfg: RunConfig, *, steps: int = 2, phis: Sequence[str] | None =
         for step in range(steps):
             examples = stream.next_batch()
             prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
-            ro = sample_rollouts(
-                model,
-                tok,
-                prompts,
-                samples_per_prompt=r.samples_per_prompt,
-                max_new_tokens=r.max_new_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                batch_size=r.batch_size,
-            )
+            ro = sample_rollouts_as(model, tok, prompts, r)
             traj_examples = [examples[i] for i in ro.example_index]
             common = dict(
                 step=step,

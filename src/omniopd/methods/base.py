@@ -27,7 +27,7 @@ from omniopd.config import RunConfig
 from omniopd.data import Example, PromptStream
 from omniopd.errors import TeacherError
 from omniopd.prompts import student_messages
-from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts
+from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts_as
 from omniopd.teachers.base import Teacher
 
 if TYPE_CHECKING:
@@ -190,17 +190,7 @@ def sample_on_policy(state: TrainState, examples: list[Example]) -> Rollouts:
     r = state.cfg.rollout
     prompts = chat_prompts(state.tokenizer, [student_messages(ex.question, ex.instruction) for ex in examples])
     model = state.accelerator.unwrap_model(state.model)
-    return sample_rollouts(
-        model,
-        state.tokenizer,
-        prompts,
-        samples_per_prompt=r.samples_per_prompt,
-        max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        batch_size=r.batch_size,
-        compile=r.compile,
-    )
+    return sample_rollouts_as(model, state.tokenizer, prompts, r)
 
 
 def micro_batches(state: TrainState, batch: SequenceBatch) -> Iterator[tuple[list[int], SequenceBatch]]:
