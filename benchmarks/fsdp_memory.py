@@ -103,6 +103,7 @@ def worker(recipe: str, strategy: str, out_dir: str, result_path: str, overrides
     if acc.is_main_process:
         Path(result_path).write_text(json.dumps(sorted(rows, key=lambda r: r["rank"])))
     acc.wait_for_everyone()
+    acc.end_training()  # closes the process group before exit
 
 
 def launch(args, strategy: str, tmp: Path) -> list[dict]:

@@ -115,6 +115,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(every, fh)
+    dist.barrier()  # neither process closes the group while the other still uses it
     dist.destroy_process_group()
 
 

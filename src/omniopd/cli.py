@@ -184,6 +184,12 @@ def _cmd_train(args) -> int:
     summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     if summary:  # empty on the non-main processes of a multi-process run
         print(format_summary(summary))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # train() ends on a barrier; closing the group now keeps gloo's threads from outliving the interpreter
+        # (otherwise a process can abort at exit, "terminate called without an active exception")
+        dist.destroy_process_group()
     return 0
 
 
