@@ -233,6 +233,41 @@ def test_second_identical_call_is_served_from_the_cache(name: str, fake: FakePro
     assert fake.count() > sent  # even for Anthropic, whose payload carries no seed
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_requests_for_the_same_draw_in_flight_at_once_share_one_request_when_cached(
+    cached: bool, fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """Two trajectories whose chunks start after the same text ask for the same draw (the cache key): with the
+    cache on, sent at once they share one HTTP request and its texts, as a rerun reading the cache would; without
+    it, each is its own draw. The fake's texts depend on arrival order, so two sends would differ."""
+    same = [ContinuationRequest(question="What is 2 + 3?", prefix="We add", trajectory=t) for t in range(3)]
+    fake.latency_s = 0.2  # every request is still in flight when the next one looks for it
+    try:
+        options = {"cache_path": str(tmp_path / "cache.sqlite")} if cached else {}
+        with make("openai-completions", fake, dispatch="parallel", **options) as teacher:
+            results = teacher.continue_prefixes(same, SPEC)
+            metrics = teacher.metrics()
+    finally:
+        fake.latency_s = 0.0
+    texts = [r.texts for r in results]
+    assert all(len(t) == SPEC.n for t in texts)
+    if cached:
+        assert fake.count() == 1 and metrics["teacher/requests"] == 1 and metrics["teacher/cache_hits"] == 2
+        assert texts[0] == texts[1] == texts[2]
+    else:
+        assert fake.count() == 3 and metrics["teacher/cache_hits"] == 0
+        assert texts[0] != texts[1] != texts[2]
+
+
+def test_a_shared_request_that_fails_fails_every_chunk_sharing_it(fake: FakeProviderServer, tmp_path: Path) -> None:
+    same = [ContinuationRequest(question="What is 2 + 3?", prefix="We add", trajectory=t) for t in range(2)]
+    fake.inject(Fault.server_error(400))  # a 4xx other than 401/403/404/408/409/425/429: not retried
+    with make("openai-completions", fake, dispatch="parallel", cache_path=str(tmp_path / "cache.sqlite")) as teacher:
+        results = teacher.continue_prefixes(same, SPEC)
+    assert fake.count() == 1
+    assert all(r.error is not None and "400" in r.error for r in results)
+
+
 def test_trajectories_are_dispatched_in_ascending_prefix_order(fake: FakeProviderServer) -> None:
     requests = [
         ContinuationRequest(question="Q", prefix="a b c d e", trajectory=0),

@@ -166,7 +166,10 @@ def test_more_than_one_process_is_refused(run_files, tmp_path, fake):
 
 # ---------------------------------------------------------------------------------------------- pipeline off
 
-# metrics of tiny_run_config (privileged teacher, seed 0, 2 steps) before the pipeline existed
+# metrics of tiny_run_config (privileged teacher, seed 0, 2 steps) before the pipeline existed. Counts and shares
+# must match exactly; the floats within 2e-3 relative, because another CPU's kernels round differently and lr 5e-2
+# carries that into step 2 (a second machine measured 2.5e-4 on step 2's grad norm, 4e-5 on its KL).
+TODAY_REL = 2e-3
 TODAY = [
     {"loss/chunk": 0.09704716503620148, "loss/kl_anchor": 0.0, "loss/total": 0.09704716503620148,
      "audit/token_frac": 0.4507042253521127, "audit/k_sem_mean": 0.0, "audit/target_mean": 0.002674083865713328,
@@ -188,7 +191,7 @@ def test_off_is_todays_step(run_files, tmp_path):
     for row, today in zip(rows, TODAY, strict=True):
         assert not PIPELINE_KEYS & row.keys()
         for k, v in today.items():
-            assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+            assert row[k] == pytest.approx(v, rel=TODAY_REL, abs=1e-6), k
     assert not any((ck / PIPELINE_FILE).exists() for ck in list_checkpoints(out))
 
 
@@ -263,16 +266,16 @@ def test_interrupted_and_resumed_ends_where_the_uninterrupted_run_does(run_files
     with pytest.raises(OmniOPDError, match="different config.*pipeline"):  # not resumed on-policy
         train(build_config(cut.model_dump(mode="json"), ["resume=true", "pipeline.mode=off"]), progress=False)
     train(build_config(cut.model_dump(mode="json"), ["resume=true"]), progress=False)
-    a, b = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "cut" / "final")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
-    ra, rb = _rows(tmp_path / "straight"), _rows(tmp_path / "cut")
+    ra, rb = _rows(tmp_path / "straight"), _rows(tmp_path / "cut")  # step by step first: a failure names its step
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [r["pipeline/staleness"] for r in rb] == [0.0, 1.0, 1.0, 1.0]
     for x, y in zip(ra, rb, strict=True):
         assert _compared(x).keys() == _compared(y).keys()
         for k, v in _compared(x).items():
             assert y[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (x["step"], k)
+    a, b = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "cut" / "final")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     assert not (list_checkpoints(tmp_path / "cut")[-1] / PIPELINE_FILE).exists()  # the last step sampled nothing ahead
 
 
@@ -302,11 +305,11 @@ def test_killed_and_resumed_ends_where_the_uninterrupted_run_does(run_files, tmp
     from omniopd.config import load_config
 
     train(load_config(recipe, ["resume=true"]), progress=False)
-    a, b = _weights(tmp_path / "straight" / "final"), _weights(killed / "final")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     ra, rb = _rows(tmp_path / "straight"), _rows(killed)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb, strict=True):
         for k, v in _compared(x).items():
             assert y[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (x["step"], k)
+    a, b = _weights(tmp_path / "straight" / "final"), _weights(killed / "final")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k

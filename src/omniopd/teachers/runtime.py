@@ -36,7 +36,11 @@ Not in the paper, which reports teacher effort but not how it was spent. Departu
   ``max_total_tokens`` are checked before every new request and raise ``TeacherError`` once reached;
   requests already in flight still complete, so the overshoot is at most ``max_concurrency`` requests.
 * **Cache.** With ``cache_path`` every successful response is stored (see ``teachers.cache``); a hit
-  sends nothing, costs nothing and is counted as ``teacher/cache_hits``.
+  sends nothing, costs nothing and is counted as ``teacher/cache_hits``. The cache key names one draw (the
+  payload, the seed and the sample index), so with the cache on, requests with the same key in flight at
+  once share one HTTP request and its answer (counted as cache hits too): two trajectories whose chunks start
+  after the same text get the same N continuations whatever order their requests run in, as a rerun or a
+  resumed run reading the cache does, and the teacher is paid once.
 * **Credentials** are read from an environment variable whose *name* is an option; the key itself is
   never an option, so it cannot end up in a config, the cache or a log line.
 """
@@ -224,6 +228,7 @@ class APITeacher(Teacher):
         self.name = f"{self.backend}:{model}" + (":privileged" if privileged else "")
         self.ledger = ledger or BudgetLedger.for_teacher(model, self.backend, self.options)  # prices: teachers.prices
         self.cache = ResponseCache(self.options.cache_path) if self.options.cache_path else None
+        self._in_flight: dict[str, asyncio.Future[_CallOutcome]] = {}  # cache key -> the request sending it
         self._loop: LoopThread | None = None
         self._client: Any = None
         self._limit = ConcurrencyLimit(
@@ -455,17 +460,45 @@ class APITeacher(Teacher):
 
     async def _call(self, payload: dict[str, Any], spec: SamplingSpec, sample_index: int) -> _CallOutcome:
         """One logical request: cache, then HTTP with retries. Raises TeacherError (budget, fatal)."""
-        key = ""
-        if self.cache is not None:
-            sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "seed": spec.seed, "sample": sample_index}
-            key = cache_key(self.backend, self.model, self.response_cache_payload(payload), sampling)
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.ledger.record_cache_hit()
-                return _CallOutcome(
-                    texts=hit.texts, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
-                )
+        if self.cache is None:
+            return await self._send_with_retries(payload, "")
+        sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "seed": spec.seed, "sample": sample_index}
+        key = cache_key(self.backend, self.model, self.response_cache_payload(payload), sampling)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.ledger.record_cache_hit()
+            return _CallOutcome(
+                texts=hit.texts, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
+            )
+        while (pending := self._in_flight.get(key)) is not None:  # the same draw is being fetched: share it
+            try:
+                out = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and not (task is not None and task.cancelling()):
+                    continue  # its sender was cancelled, not this request: send it here
+                raise
+            self.ledger.record_cache_hit()
+            return out
+        owned: asyncio.Future[_CallOutcome] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = owned
+        try:
+            out = await self._send_with_retries(payload, key)
+        except asyncio.CancelledError:
+            owned.cancel()
+            raise
+        except BaseException as exc:
+            owned.set_exception(exc)
+            owned.exception()  # marked retrieved: the sender raises it; requests sharing it raise it too
+            raise
+        else:
+            owned.set_result(out)
+        finally:
+            del self._in_flight[key]
+        return out
+
+    async def _send_with_retries(self, payload: dict[str, Any], key: str) -> _CallOutcome:
+        """HTTP with retries; a success is stored under ``key`` when the cache is on."""
         opts = self.options
         for attempt in range(opts.max_retries + 1):
             self.ledger.check()
