@@ -470,14 +470,11 @@ class APITeacher(Teacher):
             return _CallOutcome(
                 texts=hit.texts, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens
             )
-        while (pending := self._in_flight.get(key)) is not None:  # the same draw is being fetched: share it
-            try:
-                out = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if pending.cancelled() and not (task is not None and task.cancelling()):
-                    continue  # its sender was cancelled, not this request: send it here
-                raise
+        pending = self._in_flight.get(key)
+        if pending is not None:  # the same draw is being fetched: share its answer or its error
+            # shielded: cancelling this request must not cancel the sender's; the sender is cancelled only when
+            # its whole batch is (a TaskGroup torn down), and then so is this request
+            out = await asyncio.shield(pending)
             self.ledger.record_cache_hit()
             return out
         owned: asyncio.Future[_CallOutcome] = asyncio.get_running_loop().create_future()
