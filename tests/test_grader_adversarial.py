@@ -44,7 +44,7 @@ import pytest
 from conftest import loopback_server
 from omniopd.data import shared_data_dir
 from omniopd.errors import DataError
-from omniopd.evaluation import sandbox
+from omniopd.evaluation import sandbox, verdict
 from omniopd.evaluation.code import candidate_program, grade_code, grade_many, load_code_tasks
 from omniopd.evaluation.verdict import JudgeLimits
 
@@ -479,6 +479,34 @@ def test_a_little_slow_but_within_the_limits_passes():
     once = "_slept = []\n\n\n" + MB_HEAD + "    if not _slept:\n        import time\n        time.sleep(0.4)\n        _slept.append(1)\n"
     g = grade("mbppplus", once + MB_RIGHT)  # 0.4 s on the first input, whose limit is 1 s
     assert g.passed, g
+
+
+@pytest.mark.parametrize("case", ["answered-in-time", "answered-late", "stalled-every-run"])
+def test_a_run_whose_clock_stalled_across_a_deadline_is_run_again(monkeypatch, case):
+    # The parent keeps the clock in one thread among the grading threads. When that thread does not run
+    # across a call's deadline (another thread holding the interpreter, a loaded machine) and then finds
+    # the answer waiting, it cannot tell whether the answer came in time: the run is thrown away and
+    # the grade run again, so the verdict is always from a run whose deadlines were watched.
+    forwarded = []
+    forward = verdict._Run._forward_call
+
+    def forward_then_stall(self, message):
+        forward(self, message)
+        forwarded.append(message.get("label"))
+        if len(forwarded) == 1 or (case == "stalled-every-run" and message.get("label") == "base input #0"):
+            time.sleep(1.6)  # the first input's limit is max(1 s, 4 x the reference's time) + 0.05 s
+
+    monkeypatch.setattr(verdict._Run, "_forward_call", forward_then_stall)
+    body = "    import time\n    time.sleep(1.3)\n" if case == "answered-late" else ""
+    g = grade("mbppplus", MB_HEAD + body + MB_RIGHT)
+    runs = forwarded.count("base input #0")
+    if case == "answered-in-time":
+        assert g.passed and runs == 2, (g, forwarded)
+    elif case == "answered-late":  # run again without the stall, it times out as it should
+        assert g.status == "timeout" and "base input #0: time limit of" in g.detail and runs == 2, (g, forwarded)
+    else:
+        assert g.status == "timeout" and runs == verdict.STALL_TRIES, (g, forwarded)
+        assert "clock stalled" in g.detail and "counted as a timeout" in g.detail, g
 
 
 def test_verdicts_do_not_travel_through_stdout():

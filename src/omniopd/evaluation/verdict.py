@@ -10,7 +10,7 @@ them:
 * the **parent** (this module) relays each call from the judge to the candidate and the reply back,
   and keeps the clock: it times the candidate's loading and every call itself, enforces the budget and
   the per-call limits, and ends the run when a limit is passed, the candidate dies, or either side
-  breaks the protocol.
+  breaks the protocol. A run whose clock stalled across a deadline is graded again (``judge_run``).
 
 So a candidate cannot read the expected values or the comparison (they are in another process, and
 the file system it sees holds no dataset), cannot replace the checker or walk up to the harness's
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from omniopd.evaluation import wire
 from omniopd.evaluation.sandbox import SandboxLimits, SandboxProcess, program_text
@@ -58,6 +58,7 @@ class Verdict:
     info: dict = field(default_factory=dict)  # the judge's verdict message (split, index, base_passed, ...)
     isolation: tuple[str, ...] = ()
     reference: dict | None = field(default=None, repr=False)  # expected outputs the judge offered for caching
+    stalled_runs: int = 0  # runs thrown away because the parent's clock stalled past a deadline (see judge_run)
 
 
 class _End(Exception):
@@ -109,8 +110,31 @@ class _Peer:
             ) from None
 
 
+# Runs of one grade whose clock stalled, at most: then the last is a timeout (a machine that loaded is no grader).
+STALL_TRIES = 3
+
+
 def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLimits) -> Verdict:
-    """Run ``code`` against the judge's tests; never raises for anything the code does."""
+    """Run ``code`` against the judge's tests; never raises for anything the code does.
+
+    The parent times the candidate in one thread among the grading threads. When that thread did not
+    run across a deadline (another thread holding the interpreter, a loaded machine) and then finds the
+    candidate's answer waiting, it cannot tell whether the answer came in time; that run is thrown
+    away and the grade run again, at most ``STALL_TRIES`` times, so a verdict is always one whose
+    every deadline the parent watched."""
+    for attempt in range(1, STALL_TRIES + 1):
+        verdict = _judge_once(judge_payload, code, entry_point, limits)
+        if verdict.status != "stalled":
+            return replace(verdict, stalled_runs=attempt - 1)
+    return replace(
+        verdict,
+        status="timeout",
+        detail=f"{verdict.detail}; the same in {STALL_TRIES} runs, so counted as a timeout",
+        stalled_runs=STALL_TRIES,
+    )
+
+
+def _judge_once(judge_payload: dict, code: str, entry_point: str, limits: JudgeLimits) -> Verdict:
     modules = {"omniopd_wire": program_text("wire.py")}
     candidate = SandboxProcess(
         program_text("child_candidate.py"),
@@ -165,6 +189,9 @@ class _Run:
         self.used = 0.0  # candidate seconds spent (loading and calls)
         self.state = "starting"  # starting, loading, ready, calling
         self.since = 0.0  # when loading or the current call began
+        # A time by which the candidate's pipe was seen empty (no answer yet) in the current wait: an
+        # answer found after a deadline came late only when this is past the deadline.
+        self.seen_empty = 0.0
         self.call_limit: float | None = None
         self.label = ""
         self.pending: dict | None = None  # a call from the judge waiting for the candidate to be ready
@@ -204,14 +231,15 @@ class _Run:
         }
         if message.get("kwargs") is not None:
             call["kwargs"] = message["kwargs"]
-        self.state, self.since = "calling", time.monotonic()
+        self.state = "calling"
         self.cand.send(call)
+        self.since = self.seen_empty = time.monotonic()  # after the send: the parent's delays are not the candidate's
 
     def on_candidate(self, message: dict) -> None:
         op = message.get("op")
         now = time.monotonic()
         if op == "loading" and self.state == "starting":
-            self.state, self.since = "loading", now
+            self.state, self.since, self.seen_empty = "loading", now, now
         elif op == "ready" and self.state == "loading":
             self.used += now - self.since
             self.state = "ready"
@@ -255,6 +283,23 @@ class _Run:
         else:
             raise _End("error", f"the judge sent an unexpected message {str(op)[:40]!r}")
 
+    def _past_deadline(self, deadline: float) -> None:
+        """The deadline has passed by this thread's clock: a time-out, unless this thread did not
+        watch across it (the candidate's pipe was last seen empty before the deadline) and a whole
+        answer is waiting now, which may have come in time; then the run ends as ``stalled``."""
+        if self.seen_empty < deadline and not self.cand.closed:
+            poller = select.poll()
+            poller.register(self.cand.proc.read_fd, select.POLLIN)  # type: ignore[arg-type]
+            if poller.poll(0):
+                self.cand.read()
+            if self.cand.inbox:
+                raise _End(
+                    "stalled",
+                    f"{self.label or 'loading'}: the grader's clock stalled {time.monotonic() - self.seen_empty:.2f}s "
+                    "across its deadline, and an answer was waiting",
+                )
+        self._time_out()
+
     def loop(self) -> None:
         judge_deadline = self.start + self.limits.judge_seconds
         while True:
@@ -273,7 +318,7 @@ class _Run:
             now = time.monotonic()
             deadline = self._deadline()
             if deadline is not None and now >= deadline:
-                self._time_out()
+                self._past_deadline(deadline)
             if now >= judge_deadline:
                 raise _End("timeout", f"the run exceeded its wall-clock limit of {self.limits.judge_seconds:g}s")
             wait = min(x for x in (deadline, judge_deadline) if x is not None) - now
@@ -287,7 +332,14 @@ class _Run:
                 if peer.out:
                     poller.register(peer.proc.write_fd, select.POLLOUT)  # type: ignore[arg-type]
                     fds[peer.proc.write_fd] = peer
-            for fd, event in poller.poll(max(1, int(wait * 1000) + 1)):
+            timeout_ms = max(1, int(wait * 1000) + 1)
+            before = time.monotonic()
+            events = poller.poll(timeout_ms)
+            if not events:  # timed out: nothing came in, at least until this long after `before`
+                self.seen_empty = max(self.seen_empty, before + timeout_ms / 1000)
+            elif all(fd != self.cand.proc.read_fd for fd, _ in events):
+                self.seen_empty = max(self.seen_empty, before)
+            for fd, event in events:
                 peer = fds[fd]
                 if fd == peer.proc.write_fd:
                     peer.flush()
