@@ -110,7 +110,7 @@ class _Peer:
             ) from None
 
 
-# Runs of one grade whose clock stalled, at most: then the last is a timeout (a machine that loaded is no grader).
+# At most this many runs of one grade whose clock stalled; then it is a timeout (a machine that busy cannot time it).
 STALL_TRIES = 3
 
 
