@@ -58,7 +58,6 @@ class Verdict:
     info: dict = field(default_factory=dict)  # the judge's verdict message (split, index, base_passed, ...)
     isolation: tuple[str, ...] = ()
     reference: dict | None = field(default=None, repr=False)  # expected outputs the judge offered for caching
-    stalled_runs: int = 0  # runs thrown away because the parent's clock stalled past a deadline (see judge_run)
 
 
 class _End(Exception):
@@ -122,16 +121,11 @@ def judge_run(judge_payload: dict, code: str, entry_point: str, limits: JudgeLim
     candidate's answer waiting, it cannot tell whether the answer came in time; that run is thrown
     away and the grade run again, at most ``STALL_TRIES`` times, so a verdict is always one whose
     every deadline the parent watched."""
-    for attempt in range(1, STALL_TRIES + 1):
+    for _ in range(STALL_TRIES):
         verdict = _judge_once(judge_payload, code, entry_point, limits)
         if verdict.status != "stalled":
-            return replace(verdict, stalled_runs=attempt - 1)
-    return replace(
-        verdict,
-        status="timeout",
-        detail=f"{verdict.detail}; the same in {STALL_TRIES} runs, so counted as a timeout",
-        stalled_runs=STALL_TRIES,
-    )
+            return verdict
+    return replace(verdict, status="timeout", detail=f"{verdict.detail}; the same in {STALL_TRIES} runs, so a timeout")
 
 
 def _judge_once(judge_payload: dict, code: str, entry_point: str, limits: JudgeLimits) -> Verdict:
