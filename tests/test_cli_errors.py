@@ -84,3 +84,29 @@ def test_unknown_named_dataset(tmp_path):
 def test_help_is_instant_and_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "train" in proc.stdout and "eval" in proc.stdout
+
+
+def test_unknown_dataset_lists_every_name_the_loaders_resolve(tmp_path):
+    from omniopd.data import dataset_names
+
+    proc = run_cli("eval", "--model", "smollm2-135m-instruct", "--data", "humanevalx", "--limit", "3", "--output", str(tmp_path / "e.json"))
+    assert_one_line_error(proc, "unknown dataset 'humanevalx'", "humaneval,", "mbppplus", *dataset_names())
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("eval", "--model", "smollm2-135m-instruc", "--data", "gsm8k-dev", "--limit", "3", "--output", "{out}/e.json"),
+        ("train", str(RECIPE), "student.name=smollm2-135m-instruc", "output_dir={out}/run"),
+        ("train", str(RECIPE), "teacher.model=smollm2-135m-instruc", "output_dir={out}/run"),
+    ],
+    ids=["eval --model", "student.name", "teacher.model"],
+)
+def test_a_misspelled_model_name_is_one_line_with_the_closest_packaged_name(tmp_path, argv):
+    proc = run_cli(*(a.format(out=tmp_path) for a in argv))
+    assert_one_line_error(
+        proc, "unknown model 'smollm2-135m-instruc'", "qwen2.5-coder-0.5b-instruct", "did you mean 'smollm2-135m-instruct'"
+    )
+    assert "huggingface.co" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written, nothing loaded

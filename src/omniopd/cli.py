@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from omniopd.data import dataset_names
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omniopd", description="Logit-free on-policy distillation.")
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--data",
         default="gsm8k-dev",
-        help="gsm8k-dev, gsm8k-train, math500, amc23, aime24, humaneval, mbppplus, or a .jsonl path",
+        help=f"{', '.join(dataset_names())}, or a .jsonl path",
     )
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     e.add_argument("--output", required=True, help="summary JSON path (per-problem records go next to it)")
@@ -128,10 +130,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_models(cfg) -> None:
+    """Refuse an unknown ``student.name`` or in-process ``teacher.model`` in one line, before loading anything."""
+    from omniopd.models import check_model_name
+    from omniopd.teacher_config import WHITE_BOX_TEACHER_TYPES
+
+    check_model_name(cfg.student.name)
+    if cfg.teacher.type in WHITE_BOX_TEACHER_TYPES and cfg.teacher.model:
+        check_model_name(cfg.teacher.model)
+
+
 def _cmd_check_teacher(args) -> int:
     from omniopd.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    _check_models(cfg)
     from omniopd.data import load_train_examples
     from omniopd.models import load_tokenizer
     from omniopd.preflight import check_teacher, format_check
@@ -179,6 +192,7 @@ def _cmd_train(args) -> int:
     if recipe is None:
         raise ConfigError("train needs a recipe YAML (or --resume OUTPUT_DIR)")
     cfg = load_config(recipe, overrides)
+    _check_models(cfg)
     from omniopd.trainer import format_summary, train
 
     summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
@@ -208,6 +222,10 @@ def _cmd_eval(args) -> int:
     load_problems(
         args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field
     )  # fail fast
+    if not args.api:
+        from omniopd.models import check_model_name
+
+        check_model_name(args.model)  # before any model is loaded
     if args.data.lower() in CODE_BENCHMARKS:
         from omniopd.evaluation.code import check_isolation
 
@@ -285,6 +303,7 @@ def _cmd_estimate(args) -> int:
     if args.prompts is not None and args.prompts < 1:
         raise ConfigError(f"--prompts: must be >= 1 (got {args.prompts})")
     cfg = load_config(args.recipe, args.overrides)
+    _check_models(cfg)
     from omniopd.estimate import estimate, format_estimate
 
     report = estimate(cfg, prompts=args.prompts, paper=args.paper)
@@ -301,6 +320,7 @@ def _cmd_check_signal(args) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1 (got {args.steps})")
     cfg = load_config(args.recipe, args.overrides)
+    _check_models(cfg)
     known = ("ned", "rouge1", "embedding")
     for name in args.phi or []:
         if name not in known:

@@ -52,6 +52,12 @@ MBPP_DEFAULT_SPLITS = ("train", "validation")
 MBPP_NEAR_DUPLICATES = {625: 591, 658: 130, 673: 439, 922: 415, 928: 427}
 # the evaluation sets a training set must not share task ids with (EvalPlus ids: "Mbpp/<n>", "HumanEval/<n>")
 EVAL_ID_FILES = {"mbppplus": "mbppplus/MbppPlus.jsonl", "humaneval": "humaneval/HumanEval.jsonl.gz"}
+CODE_BENCHMARKS = ("humaneval", "mbppplus")  # graded by running code (evaluation.code loads them)
+
+
+def dataset_names() -> list[str]:
+    """Every dataset name the loaders resolve: the math sets, ``mbpp`` and the code benchmarks."""
+    return [*NAMED_DATASETS, "mbpp", *CODE_BENCHMARKS]
 OVERLAP_OVERRIDE = "data.allow_eval_overlap=true"
 
 
@@ -148,7 +154,7 @@ def load_examples(
     else:
         path = Path(spec)
         if not (path.suffix.startswith(".json") or path.name.endswith((".jsonl.gz", ".json.gz"))):
-            names = ", ".join([*NAMED_DATASETS, "mbpp"])
+            names = ", ".join(dataset_names())
             raise DataError(f"unknown dataset {spec!r}: use one of {names}, or a path to a .jsonl file")
         qf, af = "question", "answer"
     qf = question_field or qf

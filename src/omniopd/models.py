@@ -156,7 +156,49 @@ def resolve_model_path(name: str) -> Path | str:
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_like_path:
         raise ModelError(f"model path not found: {name}")
-    return name  # a hub id; loading fails clearly if the hub is unreachable
+    if not _hub_reachable_or_cached(name):
+        raise ModelError(unknown_model_message(name))
+    return name  # a hub id: in the local hub cache, or the hub is online
+
+
+def _hub_reachable_or_cached(name: str) -> bool:
+    """Whether ``from_pretrained(name)`` can work: the hub is not switched off (``HF_HUB_OFFLINE``), or the
+    model's config is in the local hub cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a name the hub's id rules refuse is not in its cache either
+        return False
+
+
+def unknown_model_message(name: str) -> str:
+    """One line for a model name that is neither packaged, nor a path, nor a cached hub id: the packaged
+    names and the closest one."""
+    from rapidfuzz import process
+
+    names = list(PACKAGED_MODELS)
+    closest = process.extractOne(name.lower(), names)
+    hint = f"; did you mean '{closest[0]}'?" if closest and closest[1] >= 60 else ""
+    return (
+        f"unknown model '{name}': not a packaged model, an existing path, or a model in the local hub cache "
+        f"(the hub is offline); packaged models: {', '.join(names)}{hint}"
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before anything is loaded, a model name that :func:`resolve_model_path` could not resolve
+    (nothing is converted or assembled here)."""
+    if name in PACKAGED_MODELS:
+        return
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") or path.exists():
+        if not path.exists():
+            raise ModelError(f"model path not found: {name}")
+        return
+    resolve_model_path(name)  # a path-like name or an unknown hub id raises here
 
 
 def _gguf_to_cache(gguf: Path) -> Path:

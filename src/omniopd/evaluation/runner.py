@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
-from omniopd.data import Example, load_examples
+from omniopd.data import CODE_BENCHMARKS, Example, load_examples
 from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
 from omniopd.prompts import CODE_INSTRUCTION, student_messages
@@ -36,7 +36,6 @@ from omniopd.stats import mean_ci
 if TYPE_CHECKING:
     from omniopd.evaluation.code import CodeTask
 
-CODE_BENCHMARKS = ("humaneval", "mbppplus")
 
 
 @dataclass(frozen=True)
