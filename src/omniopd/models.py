@@ -201,10 +201,15 @@ def check_model_name(name: str) -> None:
     resolve_model_path(name)  # a path-like name or an unknown hub id raises here
 
 
-def _gguf_to_cache(gguf: Path) -> Path:
+def _converted_dir(gguf: Path) -> Path:
+    """Where the safetensors copy of ``gguf`` is (or would be) cached: named by its path, size and time."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _gguf_to_cache(gguf: Path) -> Path:
+    target = _converted_dir(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
@@ -230,6 +235,49 @@ def _gguf_to_cache(gguf: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic publish: a killed conversion leaves no half-written cache
     return target
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file a model name points to, used in place (never converted): a packaged name or a ``.gguf``
+    path. Anything else is a :class:`ModelError` saying so."""
+    if name in PACKAGED_MODELS:
+        return packaged_gguf(name)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model path not found: {name}")
+        return path
+    check_model_name(name)
+    raise ModelError(
+        f"model '{name}' is not a GGUF file: llama.cpp reads a packaged model ({', '.join(PACKAGED_MODELS)}) "
+        "or a path ending in .gguf"
+    )
+
+
+def load_gguf_tokenizer(gguf: Path):
+    """The Hugging Face tokenizer stored in a GGUF file's metadata (no weights are read), saved once to
+    ``$OMNIOPD_CACHE/tokenizers`` (or taken from the model's converted copy, when there is one)."""
+    from transformers import AutoTokenizer
+
+    converted = _converted_dir(gguf)
+    target = cache_dir() / "tokenizers" / converted.name
+    for where in (converted, target):
+        if (where / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(where)
+            break
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as err:  # noqa: BLE001 - any loader failure is a bad model file for the user
+            raise ModelError(f"cannot read the tokenizer of GGUF {gguf}: {err}") from None
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_tokenizer(name: str):

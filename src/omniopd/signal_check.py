@@ -40,7 +40,12 @@ from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts, sample_rollouts_as
 from omniopd.stats import mean_se, pearson
-from omniopd.teacher_config import APITeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
+from omniopd.teacher_config import (
+    APITeacherConfig,
+    LlamaCppTeacherConfig,
+    LocalTeacherConfig,
+    PrivilegedTeacherConfig,
+)
 from omniopd.teachers import build_teacher
 
 
@@ -59,8 +64,8 @@ def _control_teacher(cfg: RunConfig, teacher):
             reuse_prefix=t.reuse_prefix,
         )
     if (
-        isinstance(cfg.teacher, APITeacherConfig) and cfg.teacher.privileged
-    ):  # an API teacher shown the reference: ask it again without
+        isinstance(cfg.teacher, (APITeacherConfig, LlamaCppTeacherConfig)) and cfg.teacher.privileged
+    ):  # an API or llama.cpp teacher shown the reference: ask it again without
         data = cfg.model_dump(mode="json")
         data["teacher"]["privileged"] = False
         return build_teacher(build_config(data))

@@ -7,6 +7,7 @@ one line (``teacher.base_url is not used by teacher.type=local``) instead of bei
     |-- _InProcessTeacher           batch_size, reuse_prefix, share_prefixes, dtype (teachers.local)
     |   |-- LocalTeacherConfig           local
     |   `-- PrivilegedTeacherConfig      privileged (the default): the model is also shown the reference
+    |-- LlamaCppTeacherConfig       llamacpp: a GGUF file in-process (teachers.llamacpp), privileged or not
     `-- APITeacherConfig            RuntimeOptions (concurrency, retries, top-ups, dispatch, budget, prompt cache),
         |                           privileged, base_url, api_key_env, max_tokens_factor, cache, cache_path
         |-- _OpenAITeacher               max_n_per_request, send_seed, extra_body
@@ -122,6 +123,25 @@ class PrivilegedTeacherConfig(_InProcessTeacher):
     type: Literal["privileged"] = "privileged"
 
 
+class LlamaCppTeacherConfig(_TeacherBase):
+    """A GGUF model run in-process by llama.cpp (``teachers.llamacpp``): raw sampling at temperature and top_p."""
+
+    run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"model", "cache"}  # resolved by the factory
+
+    type: Literal["llamacpp"] = "llamacpp"
+    privileged: bool = False  # also show the dataset's reference solution (the default recipe's teacher)
+    n_ctx: int = Field(16384, ge=64)  # cache cells shared by the sequences decoded together (a call is split in waves)
+    n_parallel: int = Field(64, ge=1, le=256)  # most sequences decoded together
+    n_batch: int = Field(1024, ge=8)  # most tokens in one llama_decode call
+    n_threads: int | None = Field(None, ge=1)  # None: every core this process may use
+    n_gpu_layers: int = Field(0, ge=-1)  # layers offloaded to the GPU (-1: all) with a CUDA or Metal build
+    flash_attn: bool = False
+    share_prefixes: bool = True  # a request takes the longest prompt prefix already prefilled for another
+    cache: bool = True  # the persistent response cache: reruns and resumes read the same continuations
+    cache_path: str | None = None  # with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite
+    max_total_tokens: int | None = Field(None, gt=0)  # stop once prompt + generated teacher tokens reach this
+
+
 class APITeacherConfig(RuntimeOptions, _TeacherBase):
     """An HTTP teacher (``teachers.runtime`` and one ``*_backend`` module per type).
 
@@ -202,6 +222,7 @@ TEACHER_CLASSES: dict[str, type[_TeacherBase]] = {
     for cls in (
         LocalTeacherConfig,
         PrivilegedTeacherConfig,
+        LlamaCppTeacherConfig,
         OpenAICompletionsTeacherConfig,
         OpenAIChatTeacherConfig,
         AnthropicTeacherConfig,
@@ -211,6 +232,7 @@ TEACHER_CLASSES: dict[str, type[_TeacherBase]] = {
 TEACHER_TYPES = tuple(TEACHER_CLASSES)
 API_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, APITeacherConfig))
 WHITE_BOX_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, _InProcessTeacher))
+IN_PROCESS_TEACHER_TYPES = (*WHITE_BOX_TEACHER_TYPES, "llamacpp")  # teacher.model names a model file, not a served one
 _ALL_FIELDS = frozenset(f for c in TEACHER_CLASSES.values() for f in c.model_fields)
 RENAMED = {"max_tokens": "max_total_tokens"}  # old teacher key -> new
 
@@ -248,6 +270,7 @@ def check_keys(data: Any) -> Any:
 TeacherConfig = Annotated[
     LocalTeacherConfig
     | PrivilegedTeacherConfig
+    | LlamaCppTeacherConfig
     | OpenAICompletionsTeacherConfig
     | OpenAIChatTeacherConfig
     | AnthropicTeacherConfig
@@ -267,6 +290,9 @@ def switch_type(before: Any, after: Any, written: set[str]) -> Any:
     if old == new or old not in TEACHER_TYPES or new not in TEACHER_TYPES:
         return after
     old_fields, new_fields = TEACHER_CLASSES[old].model_fields, TEACHER_CLASSES[new].model_fields
+    if old == "privileged" and "privileged" in new_fields and "privileged" not in written:
+        log.warning("teacher.type=%s (was privileged): teacher.privileged=true keeps the reference in the prompt", new)
+        after = {**after, "privileged": True}
     dropped = [k for k in after if k not in written and k in old_fields and k not in new_fields]
     if not dropped:
         return after

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omniopd.teachers.base import Teacher
@@ -22,11 +24,9 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
     teacher on the student's own base model reuses the weights of ``student`` (the frozen reference copy), so
     no third copy is loaded."""
     import importlib
-    import os
-    from pathlib import Path
 
     from omniopd.errors import ConfigError
-    from omniopd.teacher_config import LocalTeacherConfig, PrivilegedTeacherConfig
+    from omniopd.teacher_config import LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
 
     t = cfg.teacher
     if isinstance(t, (LocalTeacherConfig, PrivilegedTeacherConfig)):
@@ -41,6 +41,11 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
             compile=cfg.rollout.compile,  # compiled decoding: one switch for every in-process model
             **t.backend_options(),
         )
+    if isinstance(t, LlamaCppTeacherConfig):
+        from omniopd.teachers.llamacpp import LlamaCppTeacher
+
+        options = t.backend_options()
+        return LlamaCppTeacher.from_name(t.model or cfg.student.name, **{**options, "cache_path": _cache_path(t)})
     module_name, class_name, extra = API_BACKENDS[t.type]
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -48,8 +53,12 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
         raise ConfigError(
             f"teacher.type={t.type} needs the {extra} SDK: pip install 'omniopd[{extra}]' ({err})"
         ) from None
-    cache_path = None
-    if t.cache:
-        cache_root = Path(os.environ.get("OMNIOPD_CACHE", Path.home() / ".cache" / "omniopd"))
-        cache_path = t.cache_path or str(cache_root / "teacher-cache.sqlite")
-    return cls.from_options(**{**t.backend_options(), "cache_path": cache_path})
+    return cls.from_options(**{**t.backend_options(), "cache_path": _cache_path(t)})
+
+
+def _cache_path(t) -> str | None:
+    """The response cache file of a teacher config with ``cache``/``cache_path``; None with the cache off."""
+    if not t.cache:
+        return None
+    cache_root = Path(os.environ.get("OMNIOPD_CACHE", Path.home() / ".cache" / "omniopd"))
+    return t.cache_path or str(cache_root / "teacher-cache.sqlite")
