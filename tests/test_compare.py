@@ -294,7 +294,8 @@ def test_compare_on_several_benchmarks_with_code(tiny_model_dir, gsm8k_like, tmp
         "variants": [
             {"name": "base", "method": "base"},
             {"name": "sft-ref", "method": "sft", "overrides": {"sft.source": "reference"}},
-            {"name": "opd-other-tok", "method": "opd", "overrides": {"teacher.type": "local", "teacher.model": str(tdir)}},
+            {"name": "opd-other-tok", "method": "opd",
+             "overrides": {"teacher.type": "local", "teacher.model": str(tdir), "opd.estimator": "full"}},
         ],
     }
     path = tmp_path / "recipe.yaml"
@@ -348,13 +349,15 @@ def test_compare_on_several_benchmarks_with_code(tiny_model_dir, gsm8k_like, tmp
     assert (out / "comparison.png").is_file()
 
 
-def test_white_box_opd_with_another_tokenizer_is_not_applicable(tiny_model_dir, gsm8k_like, tmp_path):
+def test_exact_kl_opd_with_another_tokenizer_is_not_applicable(tiny_model_dir, gsm8k_like, tmp_path):
     from omniopd.compare import NOT_APPLICABLE_OPD, not_applicable, teacher_tokenizer_differs
 
     tdir = _other_tokenizer_teacher(tmp_path / "other-teacher")
     recipe = _base_recipe(tiny_model_dir, gsm8k_like, tmp_path / "run")
-    other = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tdir)}})
+    other = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tdir)}, "opd": {"estimator": "full"}})
     assert teacher_tokenizer_differs(other) and not_applicable(other) == NOT_APPLICABLE_OPD
+    sampled = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tdir)}})
+    assert not_applicable(sampled) is None  # the span-aligned sampled estimator runs across tokenizers
     same = build_config({**recipe, "method": "opd", "teacher": {"type": "local", "model": str(tiny_model_dir)}})
     assert not teacher_tokenizer_differs(same) and not_applicable(same) is None
     assert not_applicable(build_config({**recipe, "method": "omniopd", "teacher": {"type": "local", "model": str(tdir)}})) is None
@@ -449,3 +452,54 @@ def test_an_arm_stopped_part_way_resumes_from_its_checkpoint(tiny_model_dir, gsm
     path.write_text(yaml.safe_dump(recipe))
     third = run_compare(path, [], progress=False)
     assert {r["name"]: r["status"] for r in third["rows"]}["omniopd"] == "ok"
+
+
+def test_a_second_stage_starts_from_an_earlier_arms_final_weights(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
+    import json
+
+    from omniopd.compare import run_compare, variant_configs
+
+    monkeypatch.setenv("OMNIOPD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    recipe = _base_recipe(tiny_model_dir, gsm8k_like, out)
+    recipe["compare"] = {
+        "kl_rollouts": 0, "signal_steps": 0, "bootstrap_samples": 200,
+        "variants": [
+            {"name": "base", "method": "base"},
+            {"name": "sft", "method": "sft", "overrides": {"sft.source": "reference"}},
+            {"name": "sft-omniopd", "method": "omniopd", "init_from": "sft"},
+        ],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _, configs = variant_configs(path, [])
+    stage = configs["sft-omniopd"]
+    assert stage.student.name == str(out / "runs" / "sft" / "final")
+    assert stage.student.base_gguf == str(tiny_model_dir) and stage.student.gguf_template == str(tiny_model_dir)
+    for bad, match in (({"init_from": "nope"}, "init_from 'nope' is not an arm listed before it"),
+                       ({"init_from": "base"}, "init_from 'base' is the untrained base arm")):
+        broken = {**recipe, "compare": {**recipe["compare"], "variants": [*recipe["compare"]["variants"][:2],
+                                                                           {"name": "x", "method": "omniopd", **bad}]}}
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=match):
+            variant_configs(path, [])
+    path.write_text(yaml.safe_dump(recipe))
+
+    result = run_compare(path, [], progress=False)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["sft-omniopd"]["status"] == "ok", rows["sft-omniopd"]["status"]
+    assert rows["sft-omniopd"]["departures"][0] == "starts from sft's final weights (the KL anchor's reference: those weights)"
+    marker = json.loads((out / "runs" / "sft-omniopd" / "init_from.json").read_text())
+    assert marker["run"] == str(out / "runs" / "sft")
+    saved = yaml.safe_load((out / "runs" / "sft-omniopd" / "config.yaml").read_text())
+    assert saved["student"]["name"] == str(out / "runs" / "sft" / "final")  # its reference model is loaded from there
+    assert "starts from sft" in (out / "comparison.md").read_text()
+
+    again = run_compare(path, [], progress=False)
+    assert {r["name"]: r["status"] for r in again["rows"]}["sft-omniopd"] == "ok (reused)"
+    # the first stage trained again (another summary): the second stage is not finished on it any more
+    summary = out / "runs" / "sft" / "summary.json"
+    summary.write_text(summary.read_text().replace("{", '{"retrained": true, ', 1))
+    from omniopd.compare.arms import arm_finished
+
+    assert not arm_finished(stage)

@@ -77,17 +77,55 @@ def test_opd_two_steps(tiny_model_dir, gsm8k_like, tmp_path, estimator):
     assert rows[0]["teacher/requests"] == 4.0 and summary["teacher_tokens"] > 0
 
 
-def test_opd_refuses_teacher_with_another_tokenizer(tiny_model_dir, gsm8k_like, tmp_path):
-    tdir = tmp_path / "teacher"
-    tok = char_tokenizer(extra_chars="äöüßé")
+def _other_tokenizer_teacher(tdir):
+    tok = char_tokenizer(extra_chars="äöüßé")  # the same characters at other ids, and five more
     tiny_llama(vocab_size=len(tok), hidden=48, seed=7).save_pretrained(tdir)
     tok.save_pretrained(tdir)
-    cfg = _cfg(tiny_model_dir, gsm8k_like, tmp_path / "run", {"type": "local", "model": str(tdir)}, method="opd")
+    return tdir
+
+
+def test_exact_kl_opd_refuses_teacher_with_another_tokenizer(tiny_model_dir, gsm8k_like, tmp_path):
+    tdir = _other_tokenizer_teacher(tmp_path / "teacher")
+    cfg = _cfg(tiny_model_dir, gsm8k_like, tmp_path / "run", {"type": "local", "model": str(tdir)}, method="opd",
+               opd={"estimator": "full"})
     prefix = OPD_TOKENIZER_ERROR.split("{")[0]
     with pytest.raises(ConfigError, match="^" + prefix.replace("(", r"\(")) as err:
         train(cfg, progress=False)
     assert "tokens vs the student's" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sampled_opd_with_another_tokenizer_aligns_spans(tiny_model_dir, gsm8k_like, tmp_path):
+    """Two steps with a teacher whose token ids differ from the student's: the decoded responses are scored in the
+    teacher's tokens; both tokenizers are per character, so every span holds one student token."""
+    tdir = _other_tokenizer_teacher(tmp_path / "teacher")
+    rows, summary = _run(tiny_model_dir, gsm8k_like, tmp_path / "run", method="opd",
+                         teacher={"type": "local", "model": str(tdir), "batch_size": 16})
+    for r in rows:
+        assert r["opd/unaligned"] == 0 and r["opd/spans_per_response"] > 1
+        assert r["opd/student_tokens_per_span"] == pytest.approx(1.0, abs=0.05)  # one character, one token
+        assert torch.isfinite(torch.tensor(r["opd/reverse_kl_mean"])) and r["opd/reverse_kl_mean"] != 0.0
+    assert summary["teacher_tokens"] > 0
+
+
+def test_cross_tokenizer_alignment_by_hand():
+    """A student response decoded, re-tokenized by the teacher, its end-of-turn token carried over, and a text the
+    teacher's tokenizer does not reproduce refused."""
+    from types import SimpleNamespace
+
+    from omniopd.methods.opd import cross_tokenizer_alignment
+
+    s_tok, t_tok = char_tokenizer(), char_tokenizer(extra_chars="äöüßé")
+    teacher = SimpleNamespace(tokenizer=t_tok, model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)))
+    ids = s_tok("ab c", add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
+    unk = s_tok("a~", add_special_tokens=False)["input_ids"]  # "~" is not in either vocabulary: <unk>, dropped
+    t_ids, spans, metrics = cross_tokenizer_alignment(s_tok, teacher, [ids, unk])
+    assert t_ids[0] == t_tok("ab c", add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
+    assert t_ids[0] != ids  # other ids for the same characters
+    # one span per character, the end-of-turn tokens of both sides in the last one
+    assert [(s.student, s.teacher) for s in spans[0]] == [((0,), (0,)), ((1,), (1,)), ((2,), (2,)), ((3, 4), (3, 4))]
+    assert spans[1] is None and metrics["opd/unaligned"] == 1.0
+    assert metrics["opd/spans_per_response"] == 4.0 and metrics["opd/student_tokens_per_span"] == 1.25
 
 
 def test_opd_refuses_api_teacher_at_config_time(tiny_model_dir, gsm8k_like, tmp_path):

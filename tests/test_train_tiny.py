@@ -87,3 +87,25 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, gsm8k_like, tmp_path):
     with pytest.raises(OmniOPDError, match="already holds a run"):
         train(_cfg(tiny_model_dir, gsm8k_like, out, {"type": "local"}), progress=False)
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_constant_k_ablation_asks_no_teacher_and_targets_follow_the_prior(tiny_model_dir, gsm8k_like, tmp_path):
+    """audit.constant_k: k_sem is the constant for every chunk, so pi_hat = (k + alpha p_bar) / (N + alpha)
+    with N=3, alpha=1, k=1.5; no teacher is built (an unreachable API teacher would fail the run's first check)."""
+    out = tmp_path / "run"
+    teacher = {"type": "openai-completions", "model": "m", "base_url": "http://127.0.0.1:9/v1", "cache": False}
+    audit = {"chunk_tokens": 4, "num_chunks": 2, "teacher_samples": 3, "constant_k": 1.5}
+    cfg = _cfg(tiny_model_dir, gsm8k_like, out, teacher, audit=audit, max_steps=1)
+    summary = train(cfg, progress=False)
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["audit/chunks"] > 0 and row["audit/k_sem_mean"] == pytest.approx(1.5)
+    assert row["teacher/tokens"] == 0 and summary["teacher_tokens"] == 0
+    chunks = [c for a in (json.loads(x) for x in (out / "audits.jsonl").read_text().splitlines()) for c in a["chunks"]]
+    for c in chunks:
+        assert c["continuations"] == [] and c["k_sem"] == pytest.approx(1.5)
+        assert c["target"] == pytest.approx((1.5 + 1.0 * c["prior_mean"]) / (3 + 1.0), rel=1e-5)
+    from omniopd.methods.omniopd import departures
+
+    assert "no teacher: k_sem = 1.5 for every chunk (ablation)" in departures(cfg)
+    with pytest.raises(Exception, match="audit.constant_k: must be <= audit.teacher_samples"):
+        _cfg(tiny_model_dir, gsm8k_like, out, teacher, audit={**audit, "constant_k": 4})

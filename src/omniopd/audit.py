@@ -17,6 +17,9 @@ Fidelity notes, in the order the code enforces them:
 - teacher text is cut to C student tokens before phi (like with like across tokenizers);
 - every record names the selector, phi and teacher that produced it.
 
+Ablation: ``audit.constant_k`` gives every chunk that k_sem and asks no teacher (N scores of k/N each), so the
+target follows p_bar alone.
+
 Departures (off by default, labelled in the config and in every compare table): ``audit.target:
 centered`` turns the loss weight of each chunk into pi_hat minus the step's mean pi_hat
 (``core.baselines.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
@@ -166,6 +169,11 @@ def _teacher_rounds(
         failed_chunk=[False] * J,
     )
     teacher_s = phi_s = 0.0
+    if audit_cfg.constant_k is not None:  # the ablation without a teacher: every chunk scores the constant
+        for j in range(J):
+            out.scores[j] = [audit_cfg.constant_k / N] * N
+        timings["time/teacher_s"] = timings["time/phi_s"] = 0.0
+        return out
     t0 = time.perf_counter()
     phi, prime = phi_by_name(audit_cfg.phi)
     phi_s += time.perf_counter() - t0

@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TEACHER_TYPE",
         help="evaluate an API model through a teacher backend: openai-completions, openai-chat, anthropic, gemini",
     )
+    e.add_argument(
+        "--engine",
+        choices=["hf", "llamacpp"],
+        default="hf",
+        help="what decodes a local model's answers: transformers (hf) or llama.cpp, from the weights written as a "
+        "GGUF file with --gguf-template's metadata",
+    )
+    e.add_argument(
+        "--gguf-template",
+        default=None,
+        help="with --engine llamacpp: the GGUF the model came from (packaged name or .gguf); default: --model "
+        "itself when it is one, else the student of the run whose final/ or checkpoint --model is",
+    )
     e.add_argument("--base-url", default=None)
     e.add_argument("--api-key-env", default=None)
     e.add_argument("--no-progress", action="store_true")
@@ -217,7 +230,14 @@ def _cmd_eval(args) -> int:
     if args.temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0 (got {args.temperature})")
     ks = tuple(sorted(set(args.k or [1, args.n])))
-    from omniopd.evaluation.runner import CODE_BENCHMARKS, HFGenerator, TeacherGenerator, evaluate, load_problems
+    from omniopd.evaluation.runner import (
+        CODE_BENCHMARKS,
+        Generator,
+        HFGenerator,
+        TeacherGenerator,
+        evaluate,
+        load_problems,
+    )
 
     load_problems(
         args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field
@@ -231,7 +251,7 @@ def _cmd_eval(args) -> int:
 
         check_isolation(args.insecure_no_isolation)  # before loading a model and generating
     teacher = None
-    generator: TeacherGenerator | HFGenerator
+    generator: Generator
     if args.api:
         from omniopd.config import build_config
         from omniopd.teachers import build_teacher
@@ -253,6 +273,12 @@ def _cmd_eval(args) -> int:
 
         model, tok = load_model(args.model)
         generator = HFGenerator(model, tok, args.model)
+        if args.engine == "llamacpp":
+            from omniopd.evaluation.llamacpp_generator import LlamaCppGenerator
+            from omniopd.models import gguf_file
+
+            template = gguf_file(args.gguf_template or _gguf_template(args.model))
+            generator = LlamaCppGenerator.from_model(model, tok, template, args.model)
     out = Path(args.output)
     try:
         summary = evaluate(
@@ -286,6 +312,23 @@ def _cmd_eval(args) -> int:
         f"{args.data}: accuracy {100 * summary['accuracy']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}, n={summary['n']}){extra} -> {out}"
     )
     return 0
+
+
+def _gguf_template(model: str) -> str:
+    """The GGUF a model came from: itself when it is one, else the student of the run it was saved by (the
+    ``config.yaml`` of the run directory above ``final/``, ``best/`` or a checkpoint)."""
+    import yaml
+
+    from omniopd.errors import ConfigError
+    from omniopd.models import PACKAGED_MODELS
+
+    if model in PACKAGED_MODELS or model.endswith(".gguf"):
+        return model
+    for parent in list(Path(model).resolve().parents)[:3]:
+        cfg = parent / "config.yaml"
+        if cfg.is_file():
+            return str((yaml.safe_load(cfg.read_text()) or {}).get("student", {}).get("name", ""))
+    raise ConfigError(f"--engine llamacpp: say which GGUF {model} came from with --gguf-template")
 
 
 def _cmd_compare(args) -> int:

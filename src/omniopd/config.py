@@ -34,6 +34,13 @@ DEFAULT_STUDENT = "smollm2-135m-instruct"
 class ModelConfig(_Section):
     name: str = DEFAULT_STUDENT  # HF id, local directory, .gguf file, or a named packaged model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the GGUF file the weights came from (packaged name or .gguf), whose metadata eval.engine=llamacpp writes the
+    # weights with; None: name itself (a compare stage, init_from, sets it to the first stage's student)
+    base_gguf: str | None = None
+
+    @property
+    def gguf_template(self) -> str:
+        return self.base_gguf or self.name
 
 
 class AuditConfig(_Section):
@@ -73,9 +80,19 @@ class AuditConfig(_Section):
     adaptive_n: bool = False  # a departure (see above): sample in rounds, stop a chunk once settled
     adaptive_round: int = Field(2, ge=1)  # continuations per open chunk and round (<= N)
     adaptive_width: float = Field(0.5, gt=0.0, lt=1.0)  # stop once the 95% posterior interval is narrower
+    # an ablation: every chunk's k_sem is this constant (0 <= k <= N) and no teacher is asked, so
+    # pi_hat = (k + alpha p_bar) / (N + alpha) follows the student's own p_bar alone: what the update does
+    # without the teacher's knowledge. None: the teacher's continuations (the method)
+    constant_k: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="after")
     def _adaptive_checks(self) -> "AuditConfig":
+        if self.constant_k is not None and self.constant_k > self.teacher_samples:
+            raise ValueError(
+                f"audit.constant_k: must be <= audit.teacher_samples (N={self.teacher_samples}), got {self.constant_k:g}"
+            )
+        if self.constant_k is not None and self.adaptive_n:
+            raise ValueError("audit.constant_k: asks no teacher, so audit.adaptive_n has nothing to stop early")
         if self.adaptive_n and self.adaptive_round > self.teacher_samples:
             raise ValueError(
                 f"audit.adaptive_round: must be <= audit.teacher_samples (N={self.teacher_samples}) with "
@@ -141,6 +158,9 @@ class EvalConfig(_Section):
     best_metric: str | None = None  # e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it
     # grade code without the isolated sandbox (model-written code can then read files and their answers)
     insecure_no_isolation: bool = False
+    # what decodes the answers: hf (transformers' generate) or llamacpp (the weights written as a GGUF with the
+    # student's GGUF metadata, decoded by llama.cpp; needs a GGUF student: a packaged name or a .gguf path)
+    engine: Literal["hf", "llamacpp"] = "hf"
 
 
 class LoraConfig(_Section):
@@ -210,8 +230,9 @@ OPD_TEACHER_TYPE_ERROR = (
     "(an in-process model whose log-probabilities are read), got teacher.type={type}; text-only teachers work with method=omniopd"
 )
 OPD_TOKENIZER_ERROR = (
-    "method=opd needs a white-box teacher with the student's tokenizer: the teacher {teacher} has a different "
-    "vocabulary ({detail}); a teacher with another tokenizer works with method=omniopd"
+    "method=opd with opd.estimator=full needs a teacher with the student's tokenizer (the exact KL sums over one "
+    "vocabulary): the teacher {teacher} has a different vocabulary ({detail}); opd.estimator=sampled aligns two "
+    "tokenizers on the text"
 )
 
 
@@ -238,7 +259,9 @@ class OPDConfig(_Section):
     """White-box on-policy distillation (``method: opd``): reverse KL(student || teacher) on the student's
     own samples. The teacher reads its own prompt (privileged: with the reference solution) followed by the
     student's response token ids. ``sampled``: the Tinker-style per-token advantage log q - log p;
-    ``full``: the exact full-vocabulary KL (GKD style)."""
+    ``full``: the exact full-vocabulary KL (GKD style). A teacher with another tokenizer (``sampled`` only)
+    scores the decoded response in its own tokens, and each span where both tokenizations have a boundary
+    gives its student tokens the span's log-ratio (``methods.opd``, ``core.spans``)."""
 
     estimator: Literal["sampled", "full"] = "sampled"
 
@@ -265,6 +288,9 @@ class CompareVariant(_Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: Literal["base", "omniopd", "sft", "opd", "grpo"]
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # a second stage: the arm starts from this earlier arm's final weights (its student, and the KL anchor's
+    # reference, are those weights); None: from the recipe's student
+    init_from: str | None = None
 
 
 class CompareConfig(_Section):

@@ -58,6 +58,8 @@ CODE_BENCHMARKS = ("humaneval", "mbppplus")  # graded by running code (evaluatio
 def dataset_names() -> list[str]:
     """Every dataset name the loaders resolve: the math sets, ``mbpp`` and the code benchmarks."""
     return [*NAMED_DATASETS, "mbpp", *CODE_BENCHMARKS]
+
+
 OVERLAP_OVERRIDE = "data.allow_eval_overlap=true"
 
 

@@ -40,12 +40,7 @@ from omniopd.models import load_model
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts, sample_rollouts_as
 from omniopd.stats import mean_se, pearson
-from omniopd.teacher_config import (
-    APITeacherConfig,
-    LlamaCppTeacherConfig,
-    LocalTeacherConfig,
-    PrivilegedTeacherConfig,
-)
+from omniopd.teacher_config import APITeacherConfig, LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
 from omniopd.teachers import build_teacher
 
 

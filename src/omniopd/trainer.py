@@ -453,6 +453,8 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
         records_path=state.out_dir / f"eval_{tag}_predictions.jsonl",
         show_progress=progress,
         insecure_no_isolation=e.insecure_no_isolation,
+        engine=e.engine,
+        gguf_template=state.cfg.student.gguf_template,
     )
     summary["data"] = benchmark
     (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))

@@ -75,6 +75,20 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
     arm_data = {k: v for k, v in data.items() if k != "compare"}
     configs: dict[str, RunConfig | None] = {}
     for v in cfg.compare.variants:
+        stage: dict[str, Any] = {}
+        if v.init_from is not None:
+            parent = configs.get(v.init_from, ...)
+            if parent is ...:
+                raise ConfigError(
+                    f"compare variant {v.name}: init_from {v.init_from!r} is not an arm listed before it "
+                    f"(arms so far: {', '.join(configs) or 'none'})"
+                )
+            if parent is None:
+                raise ConfigError(f"compare variant {v.name}: init_from {v.init_from!r} is the untrained base arm")
+            stage = {
+                "student.name": str(Path(parent.output_dir) / "final"),
+                "student.base_gguf": parent.student.gguf_template,
+            }
         flat = _flatten(v.overrides)
         bad = [k for k in flat for s in SHARED_KEYS if _touches(k, s)]
         if bad:
@@ -82,6 +96,8 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
                 f"compare variant {v.name}: '{bad[0]}' must be the same for every arm (set it in the recipe, not in a variant)"
             )
         if is_base(v):
+            if v.init_from is not None:
+                raise ConfigError(f"compare variant {v.name}: method base (no training) cannot start from another arm")
             if v.overrides:
                 raise ConfigError(f"compare variant {v.name}: method base (no training) takes no overrides")
             configs[v.name] = None
@@ -92,6 +108,7 @@ def variant_configs(recipe: str | Path, overrides: list[str]) -> tuple[RunConfig
             "eval.before": False,
             "eval.after": False,
             "resume": "auto",
+            **stage,
         }
         try:
             configs[v.name] = build_config(set_dotted(set_dotted(arm_data, flat), fixed))
@@ -106,7 +123,27 @@ def departures(cfg: RunConfig | None) -> list[str]:
     if cfg is None:
         return []
     method = method_of(cfg)
-    return method.departures(cfg) + method.labels(cfg)
+    stage = []
+    if (parent := stage_parent(cfg)) is not None:
+        stage = [f"starts from {parent.name}'s final weights (the KL anchor's reference: those weights)"]
+    return stage + method.departures(cfg) + method.labels(cfg)
+
+
+def stage_parent(cfg: RunConfig) -> Path | None:
+    """The run directory an arm's student comes from (a second stage: ``init_from``), or None."""
+    path = Path(cfg.student.name)
+    if path.name == "final" and cfg.student.base_gguf is not None:
+        return path.parent
+    return None
+
+
+def _parent_mark(cfg: RunConfig) -> str | None:
+    """What the arm's first stage was: the sha256 of its summary.json (None when it has not finished)."""
+    import hashlib
+
+    parent = stage_parent(cfg)
+    summary = parent / "summary.json" if parent is not None else None
+    return hashlib.sha256(summary.read_bytes()).hexdigest() if summary is not None and summary.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -174,6 +211,10 @@ def _resumable(cfg: RunConfig) -> Path | None:
 def arm_finished(cfg: RunConfig) -> bool:
     """Whether the arm's run finished with this config (its summary.json is written last)."""
     run_dir = Path(cfg.output_dir)
+    if stage_parent(cfg) is not None:  # a second stage is finished only on the first stage it started from
+        mark = run_dir / "init_from.json"
+        if not mark.is_file() or json.loads(mark.read_text()).get("summary_sha256") != _parent_mark(cfg):
+            return False
     return (
         (run_dir / "summary.json").is_file()
         and (run_dir / "config.yaml").is_file()
@@ -198,6 +239,20 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
             "steps": s.get("steps"),
             "model": str(run_dir / "final"),
         }
+    if (parent := stage_parent(cfg)) is not None:
+        if not (parent / "final" / "config.json").is_file():
+            return {
+                "status": f"failed: it starts from {parent.name}, whose final/ is not here (train it again first: "
+                f"omniopd compare RECIPE --only {parent.name} {name} --rerun)",
+                "model": None,
+            }
+        from omniopd.checkpoint import checkpoint_root
+
+        mark, marker = _parent_mark(cfg), run_dir / "init_from.json"
+        if not marker.is_file() or json.loads(marker.read_text()).get("summary_sha256") != mark:
+            shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)  # begun on another first stage: start over
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run": str(parent), "summary_sha256": mark}, indent=2))
     cfg_path = out / "configs" / f"{name}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(text)

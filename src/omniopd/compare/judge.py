@@ -129,12 +129,15 @@ class Judge:
             json.dumps(
                 {
                     # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
-                    "eval": cfg.eval.model_dump(mode="json"),
+                    # eval.engine only where it is not the default hf: measures cached before it existed stay valid
+                    "eval": cfg.eval.model_dump(mode="json", exclude={"engine"} if cfg.eval.engine == "hf" else None),
                     "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
                     # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
                     # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
                     "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
-                    "student": cfg.student.model_dump(mode="json"),
+                    "student": cfg.student.model_dump(
+                        mode="json", exclude={"base_gguf"} if cfg.student.base_gguf is None else None
+                    ),
                     # less rollout.compile: how the same tokens are decoded, not which
                     "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}),
                     "seed": cfg.seed,
@@ -328,6 +331,8 @@ class Judge:
             records_path=records_path,
             show_progress=self.progress,
             insecure_no_isolation=e.insecure_no_isolation,
+            engine=e.engine,
+            gguf_template=self.cfg.student.gguf_template,
         )
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
         B = self.cfg.compare.bootstrap_samples

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from omniopd.evaluation.code import CodeTask
 
 
-
 @dataclass(frozen=True)
 class Problem:
     id: str
@@ -308,10 +307,22 @@ def evaluate_model(
     records_path: str | Path | None = None,
     show_progress: bool = True,
     insecure_no_isolation: bool = False,
+    engine: str = "hf",
+    gguf_template: str | None = None,
 ) -> dict:
-    """Single-sample evaluation of a local model on any benchmark (what the trainer uses)."""
+    """Single-sample evaluation of a local model on any benchmark (what the trainer uses). ``engine="llamacpp"``
+    decodes through llama.cpp from the model's weights written as a GGUF file with ``gguf_template``'s metadata
+    (a packaged name or .gguf path: the GGUF the student came from)."""
+    generator: Generator = HFGenerator(model, tokenizer)
+    if engine == "llamacpp":
+        from omniopd.evaluation.llamacpp_generator import LlamaCppGenerator
+        from omniopd.models import gguf_file
+
+        if gguf_template is None:
+            raise ValueError("engine='llamacpp' needs gguf_template: the GGUF file the model came from")
+        generator = LlamaCppGenerator.from_model(model, tokenizer, gguf_file(gguf_template))
     return evaluate(
-        HFGenerator(model, tokenizer),
+        generator,
         benchmark,
         limit=limit,
         max_new_tokens=max_new_tokens,

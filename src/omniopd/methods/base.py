@@ -143,6 +143,7 @@ class StepSignal:
     records: list[dict] = field(default_factory=list)  # for audits.jsonl: none for the baselines
     advantages: torch.Tensor | None = None  # grpo: (B,) group-relative advantages
     teacher_batch: SequenceBatch | None = None  # opd: [teacher prompt | the student's response ids]
+    spans: list | None = None  # opd with another tokenizer: per response its spans (core.spans.Span), or None
 
 
 SampleFn = Callable[[TrainState, list[Example]], Rollouts]

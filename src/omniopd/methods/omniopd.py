@@ -107,6 +107,8 @@ def departures(cfg: RunConfig) -> list[str]:
         out.append("no KL anchor (ablation)")
     if cfg.audit.prior_strength == 0:
         out.append("no prior α=0 (ablation)")
+    if cfg.audit.constant_k is not None:
+        out.append(f"no teacher: k_sem = {cfg.audit.constant_k:g} for every chunk (ablation)")
     if cfg.audit.anchors != "peak_entropy":
         out.append(f"anchors={cfg.audit.anchors} (ablation)")
     if cfg.pipeline.mode == "one_step":
@@ -121,8 +123,8 @@ def accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
         totals["k_sem_sum"] = totals.get("k_sem_sum", 0.0) + metrics["audit/k_sem_mean"] * metrics["audit/chunks"]
 
 
-def _text_teacher(cfg: RunConfig) -> TeacherRole:
-    return "text"
+def _text_teacher(cfg: RunConfig) -> TeacherRole | None:
+    return None if cfg.audit.constant_k is not None else "text"  # the constant-k ablation asks no teacher
 
 
 OMNIOPD = Method(

@@ -5,11 +5,22 @@ The "audit" packs the teacher's own prompt (privileged: with the reference solut
 student's response *token ids*, so teacher position t scores exactly the token the student produced at
 t. ``opd.estimator``: ``sampled`` (advantage log q - log p, Tinker) or ``full`` (exact KL, GKD).
 
+A teacher with another tokenizer (``sampled`` only). The student's response is decoded (special tokens
+dropped) and tokenized by the teacher; the teacher scores those tokens after its own prompt, and a finished
+response (one that ended on the student's end-of-turn token) also gets the teacher's end-of-turn token. The two
+tokenizations are cut into the coarsest spans where both have a token boundary (``core.spans``), and every
+student token of a span takes the span's log-ratio log q_T(span) - log p(span) as its advantage. Summed over a
+response that is the sequence-level log-ratio log q_T(text) - log p(text), the same total as the per-token
+estimator's; it differs from it in where the credit lands: a token is credited with its span's ratio, not its
+own (with one tokenizer every span is one token and the two are the same). A response the teacher's tokenizer
+cannot reproduce (``decode(encode(text)) != text``: normalised whitespace, unknown characters) gets no
+advantage and is counted (``opd/unaligned``). Logged: ``opd/spans_per_response``, ``opd/student_tokens_per_span``.
+
 The white-box rule lives here, once: the teacher must be an in-process model (``config.WHITE_BOX_TEACHER_TYPES``;
-the config refuses other types with ``config.OPD_TEACHER_TYPE_ERROR``) whose vocabulary and output head are
-the student's (:func:`check_white_box_teacher` at setup, ``config.OPD_TOKENIZER_ERROR``).
-``omniopd compare`` reads the same rule before training (:func:`teacher_tokenizer_differs`, :func:`not_applicable`)
-and for its reverse-KL column.
+the config refuses other types with ``config.OPD_TEACHER_TYPE_ERROR``); with ``opd.estimator=full`` its
+vocabulary and output head must be the student's (:func:`check_white_box_teacher` at setup,
+``config.OPD_TOKENIZER_ERROR``). ``omniopd compare`` reads the same rule before training
+(:func:`teacher_tokenizer_differs`, :func:`not_applicable`) and for its reverse-KL column.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.config import OPD_TEACHER_TYPE_ERROR, OPD_TOKENIZER_ERROR, WHITE_BOX_TEACHER_TYPES, RunConfig
 from omniopd.core import token_stats
 from omniopd.core.baselines import OPDFullInputs, OPDSampledInputs, opd_full_loss, opd_sampled_loss, reverse_kl_sliced
+from omniopd.core.spans import Span, common_spans, span_advantages, token_ends
 from omniopd.data import Example
 from omniopd.errors import ConfigError
 from omniopd.methods.base import (
@@ -38,18 +50,25 @@ from omniopd.sharding import in_forward
 from omniopd.teachers.base import ContinuationRequest, Teacher
 
 NOT_APPLICABLE = (
-    "not applicable: white-box OPD needs the teacher's log-probabilities over the student's tokens "
-    "(the teacher's tokenizer differs)"
+    "not applicable: opd.estimator=full needs the teacher's log-probabilities over the student's tokens "
+    "(the teacher's tokenizer differs; opd.estimator=sampled aligns the two on the text)"
 )
 
 
-def check_white_box_teacher(teacher: Teacher, student_tokenizer, student_model) -> None:
-    """Refuse a teacher whose log-probabilities cannot be read token for token against the student's."""
+def same_tokenizer(teacher, student_tokenizer) -> bool:
+    return teacher.tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
+def check_white_box_teacher(teacher: Teacher, student_tokenizer, student_model, estimator: str = "full") -> None:
+    """Refuse a teacher whose log-probabilities cannot be read (not in-process), and, for the exact KL
+    (``full``), one whose vocabulary or output head is not the student's."""
     from omniopd.teachers.local import LocalTeacher
 
     if not isinstance(teacher, LocalTeacher):
         raise ConfigError(OPD_TEACHER_TYPE_ERROR.format(type=teacher.name.split(":")[0]))
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab and estimator == "sampled":
+        return  # aligned on the text, span by span
     if t_vocab != s_vocab:
         detail = (
             f"{len(t_vocab)} tokens vs the student's {len(s_vocab)}"
@@ -77,9 +96,11 @@ def teacher_tokenizer_differs(cfg: RunConfig) -> bool:
 
 
 def not_applicable(cfg: RunConfig) -> str | None:
-    """White-box OPD reads the teacher's log-probabilities token for token against the student's: a teacher
-    with another tokenizer cannot serve. A teacher that cannot be loaded is left to the training run, which
-    reports it."""
+    """The exact KL (``opd.estimator=full``) reads the teacher's log-probabilities token for token against the
+    student's: a teacher with another tokenizer cannot serve it (``sampled`` aligns the two). A teacher that
+    cannot be loaded is left to the training run, which reports it."""
+    if cfg.opd.estimator == "sampled":
+        return None
     try:
         differs = teacher_tokenizer_differs(cfg)
     except Exception:  # noqa: BLE001 - training reports a teacher it cannot load, with its own message
@@ -88,7 +109,9 @@ def not_applicable(cfg: RunConfig) -> str | None:
 
 
 def prepare(state: TrainState) -> None:
-    check_white_box_teacher(state.teacher, state.tokenizer, state.accelerator.unwrap_model(state.model))
+    check_white_box_teacher(
+        state.teacher, state.tokenizer, state.accelerator.unwrap_model(state.model), state.cfg.opd.estimator
+    )
 
 
 def teacher_scoring_batch(teacher, examples: list[Example], responses: list[list[int]]) -> SequenceBatch:
@@ -104,11 +127,62 @@ def teacher_scoring_batch(teacher, examples: list[Example], responses: list[list
 
 def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> StepSignal:
     traj_examples = [examples[i] for i in rollouts.example_index]
-    tbatch = teacher_scoring_batch(state.teacher, traj_examples, response_ids(rollouts))
-    return StepSignal(
-        metrics={"teacher/tokens": float(tbatch.attention_mask.sum()), "teacher/requests": float(len(traj_examples))},
-        teacher_batch=tbatch,
-    )
+    student_ids = response_ids(rollouts)
+    if same_tokenizer(state.teacher, state.tokenizer):
+        tbatch = teacher_scoring_batch(state.teacher, traj_examples, student_ids)
+        spans = None
+        extra: dict[str, float] = {}
+    else:
+        teacher_ids, spans, extra = cross_tokenizer_alignment(state.tokenizer, state.teacher, student_ids)
+        tbatch = teacher_scoring_batch(state.teacher, traj_examples, teacher_ids)
+    metrics = {"teacher/tokens": float(tbatch.attention_mask.sum()), "teacher/requests": float(len(traj_examples))}
+    return StepSignal(metrics={**metrics, **extra}, teacher_batch=tbatch, spans=spans)
+
+
+def cross_tokenizer_alignment(
+    student_tokenizer, teacher, student_ids: list[list[int]]
+) -> tuple[list[list[int]], list[list[Span] | None], dict[str, float]]:
+    """Per response: the teacher's token ids of the decoded text (and its end-of-turn token when the student's
+    response ended on its own), the spans aligning the two tokenizations (None: the teacher's tokenizer does not
+    reproduce the text, no advantage), and the metrics of the alignment."""
+    from omniopd.models import eos_token_ids
+
+    s_tok, t_tok = student_tokenizer, teacher.tokenizer
+    s_eos = set(s_tok.all_special_ids)
+    t_eos = eos_token_ids(teacher.model, t_tok)
+
+    def s_decode(ids: list[int]) -> str:
+        return s_tok.decode(ids, skip_special_tokens=True)
+
+    def t_decode(ids: list[int]) -> str:
+        return t_tok.decode(ids, skip_special_tokens=True)
+
+    teacher_ids: list[list[int]] = []
+    spans: list[list[Span] | None] = []
+    n_spans: list[int] = []
+    per_span: list[float] = []
+    for ids in student_ids:
+        text, s_ends = token_ends(s_decode, ids)
+        t_ids = list(t_tok(text, add_special_tokens=False)["input_ids"])
+        finished = bool(ids) and ids[-1] in s_eos
+        if t_decode(t_ids) != text:
+            teacher_ids.append(t_ids + (t_eos[:1] if finished else []))
+            spans.append(None)
+            continue
+        _, t_ends = token_ends(t_decode, t_ids)
+        if finished:
+            t_ids, t_ends = t_ids + t_eos[:1], [*t_ends, len(text)]
+        sp = common_spans(s_ends, t_ends, len(text))
+        teacher_ids.append(t_ids)
+        spans.append(sp)
+        n_spans.append(len(sp))
+        per_span += [len(x.student) for x in sp]
+    metrics = {
+        "opd/unaligned": float(sum(x is None for x in spans)),
+        "opd/spans_per_response": sum(n_spans) / max(len(n_spans), 1),
+        "opd/student_tokens_per_span": sum(per_span) / max(len(per_span), 1),
+    }
+    return teacher_ids, spans, metrics
 
 
 def _opd_terms(cfg: RunConfig, model, teacher_model, sub: SequenceBatch, tsub: SequenceBatch) -> tuple:
@@ -137,14 +211,17 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     loss_sum = kl_tok_sum = n_tok = 0.0
     for idx, sub in micro_batches(state, batch):
         tsub = teacher_batch.select(idx).to(device)
-        same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(
-            tsub.response_mask, sub.response_mask
-        )
-        if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
-            raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
+        if signal.spans is None:
+            same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(
+                tsub.response_mask, sub.response_mask
+            )
+            if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
+                raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
         terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub)
         if cfg.opd.estimator == "sampled":
             logp, t_logp = terms
+            if signal.spans is not None:  # another tokenizer: each student token's advantage is its span's
+                t_logp = _span_teacher_logprobs(logp, t_logp, sub, tsub, [signal.spans[i] for i in idx])
             inputs = OPDSampledInputs(student_logprobs=logp, teacher_logprobs=t_logp, response_mask=sub.response_mask)
             out = opd_sampled_loss(inputs, normalizer=float(B))
         else:
@@ -156,6 +233,22 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
         kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]
         n_tok += out.metrics["tokens/response"]
     return {"loss/total": loss_sum, "loss/opd": loss_sum, "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0)}
+
+
+def _span_teacher_logprobs(
+    logp: torch.Tensor, t_logp: torch.Tensor, sub: SequenceBatch, tsub: SequenceBatch, spans: list
+) -> torch.Tensor:
+    """(B, T) values v with v - log p(y_t) = the advantage of student token t (its span's log-ratio; 0 for a
+    response without spans), so the per-token sampled loss applies unchanged."""
+    with torch.no_grad():
+        adv = torch.zeros_like(logp)
+        for r, row_spans in enumerate(spans):
+            if row_spans is None:
+                continue
+            n_s, n_t = int(sub.response_mask[r].sum()), int(tsub.response_mask[r].sum())
+            a = span_advantages(row_spans, logp[r, :n_s].tolist(), t_logp[r, :n_t].tolist())
+            adv[r, :n_s] = torch.tensor(a, dtype=logp.dtype, device=logp.device)
+        return logp.detach() + adv
 
 
 def _logits_teacher(cfg: RunConfig) -> TeacherRole:

@@ -37,6 +37,8 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -107,7 +109,10 @@ def draw_rows(logits: np.ndarray, temperature: float, top_p: float, rngs: list[n
     np.exp(z, out=z)
     np.cumsum(z, axis=-1, out=z)
     last = z.shape[-1] - 1
-    return [int(min(np.searchsorted(row, rng.random() * row[-1], side="right"), last)) for row, rng in zip(z, rngs, strict=True)]
+    return [
+        int(min(np.searchsorted(row, rng.random() * row[-1], side="right"), last))
+        for row, rng in zip(z, rngs, strict=True)
+    ]
 
 
 @dataclass
@@ -136,7 +141,11 @@ class LlamaCppEngine:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         flash_attn: bool = False,
+        unified: bool = True,
     ) -> None:
+        """``unified``: one cache buffer for all sequences, whose cells they can share (prompt prefixes), and every
+        token attends over all used cells, masked (cheap while the sequences share most of their prompt); False:
+        ``n_ctx / n_parallel`` cells per sequence, each attending over its own (independent prompts: evaluation)."""
         try:
             import llama_cpp
             from llama_cpp import _internals, _logger
@@ -162,11 +171,11 @@ class LlamaCppEngine:
         cparams.n_seq_max = n_parallel
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # sequences share cells: a copied prompt is not copied
+        cparams.kv_unified = unified
         cparams.flash_attn_type = 1 if flash_attn else 0
         cparams.no_perf = True
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
-        self.n_ctx, self.n_parallel, self.n_batch = n_ctx, n_parallel, n_batch
+        self.n_ctx, self.n_parallel, self.n_batch, self.unified = n_ctx, n_parallel, n_batch, unified
         self.vocab = llama_cpp.llama_model_get_vocab(self.model.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_parallel)
@@ -257,21 +266,96 @@ class LlamaCppEngine:
         for u in units:
             base.append(next_seq)
             next_seq += len(u.samples)
-        first = self._prefill(
-            [u.prompt for u in units], [list(range(b, b + len(u.samples))) for b, u in zip(base, units)], share_prefixes
-        )
+        if self.unified:
+            seqs = [list(range(b, b + len(u.samples))) for b, u in zip(base, units, strict=True)]
+            first = self._prefill([u.prompt for u in units], seqs, share_prefixes)
+        else:  # a sequence's cells are its own: each sample is prefilled in its own stream
+            per_sample = self._prefill(
+                [u.prompt for u in units for _ in u.samples],
+                [[b + j] for b, u in zip(base, units) for j in range(len(u.samples))],
+                False,
+            )
+            starts = np.cumsum([0] + [len(u.samples) for u in units])[:-1]
+            first = [per_sample[i] for i in starts]
         # decode: every live sequence one token per call
         out: list[list[list[int]]] = [[[] for _ in u.samples] for u in units]
         live: list[tuple[int, int]] = []  # (unit, sample)
         for ui, u in enumerate(units):
-            rows = np.broadcast_to(first[ui], (len(u.samples), self.n_vocab))  # N draws, one prefill
-            for j, token in enumerate(draw_rows(rows, temperature, top_p, u.rngs)):
+            same = np.broadcast_to(first[ui], (len(u.samples), self.n_vocab))  # N draws, one prefill
+            for j, token in enumerate(draw_rows(same, temperature, top_p, u.rngs)):
                 if self._take(out[ui][j], token, max_new_tokens):
                     live.append((ui, j))
         while live:
-            entries = [(out[ui][j][-1], len(units[ui].prompt) + len(out[ui][j]) - 1, [base[ui] + j], True) for ui, j in live]
+            entries = [
+                (out[ui][j][-1], len(units[ui].prompt) + len(out[ui][j]) - 1, [base[ui] + j], True) for ui, j in live
+            ]
             tokens = draw_rows(self._decode(entries), temperature, top_p, [units[ui].rngs[j] for ui, j in live])
-            live = [(ui, j) for (ui, j), token in zip(live, tokens, strict=True) if self._take(out[ui][j], token, max_new_tokens)]
+            live = [
+                (ui, j)
+                for (ui, j), token in zip(live, tokens, strict=True)
+                if self._take(out[ui][j], token, max_new_tokens)
+            ]
+        lib.llama_memory_clear(mem, True)
+        return out
+
+    def generate_continuous(
+        self,
+        units: list[_Unit],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        on_unit_done: Callable[[int], None] | None = None,
+    ) -> list[list[list[int]]]:
+        """:meth:`generate` with continuous batching, for a cache that is not unified (independent prompts): up to
+        ``n_parallel`` sequences are live, and a finished sequence's slot takes the next waiting sample at once,
+        its prompt prefilled in the same batch as the others' next tokens. ``on_unit_done(i)`` is called once all
+        samples of unit i are finished."""
+        lib = self._lib
+        mem = lib.llama_get_memory(self.ctx.ctx)
+        lib.llama_memory_clear(mem, True)
+        waiting = deque((ui, j) for ui, u in enumerate(units) for j in range(len(u.samples)))
+        left = [len(u.samples) for u in units]
+        free = list(range(self.n_parallel - 1, -1, -1))
+        live: dict[int, tuple[int, int]] = {}  # sequence -> (unit, sample)
+        out: list[list[list[int]]] = [[[] for _ in u.samples] for u in units]
+        fresh: set[int] = set()  # sequences whose prompt is in this batch: their first token comes from its end
+
+        def finish(seq: int) -> None:
+            ui, _ = live.pop(seq)
+            lib.llama_memory_seq_rm(mem, seq, -1, -1)
+            free.append(seq)
+            left[ui] -= 1
+            if left[ui] == 0 and on_unit_done is not None:
+                on_unit_done(ui)
+
+        while waiting or live:
+            entries: list[tuple[int, int, list[int], bool]] = []
+            owners: list[int] = []
+            for seq, (ui, j) in live.items():
+                toks = out[ui][j]
+                entries.append((toks[-1], len(units[ui].prompt) + len(toks) - 1, [seq], True))
+                owners.append(seq)
+            fresh.clear()
+            while waiting and free and len(entries) + len(units[waiting[0][0]].prompt) <= self.n_batch:
+                ui, j = waiting.popleft()
+                seq = free.pop()
+                prompt = units[ui].prompt
+                entries += [(tok, t, [seq], t == len(prompt) - 1) for t, tok in enumerate(prompt)]
+                owners.append(seq)
+                live[seq] = (ui, j)
+                fresh.add(seq)
+                self.prefill_stats["computed"] += len(prompt)
+            if not entries:
+                raise ConfigError(
+                    f"a prompt of {len(units[waiting[0][0]].prompt)} tokens exceeds n_batch={self.n_batch}"
+                )
+            rngs = [units[live[seq][0]].rngs[live[seq][1]] for seq in owners]
+            tokens = draw_rows(self._decode(entries), temperature, top_p, rngs)
+            for seq, token in zip(owners, tokens, strict=True):
+                ui, j = live[seq]
+                if not self._take(out[ui][j], token, max_new_tokens):
+                    finish(seq)
         lib.llama_memory_clear(mem, True)
         return out
 
@@ -292,13 +376,24 @@ class LlamaCppEngine:
         return row
 
 
-def plan_waves(units: list[_Unit], *, n_parallel: int, n_ctx: int, max_new: int) -> list[list[_Unit]]:
+def plan_waves(
+    units: list[_Unit], *, n_parallel: int, n_ctx: int, max_new: int, unified: bool = True
+) -> list[list[_Unit]]:
     """Consecutive units grouped so that each wave's sequences fit ``n_parallel`` and its cells ``n_ctx`` (counted
-    without prefix sharing, so the plan never depends on what is shared)."""
+    without prefix sharing, so the plan never depends on what is shared); without a unified cache every sequence
+    has ``n_ctx // n_parallel`` cells of its own."""
+    if not unified:
+        per_seq = n_ctx // n_parallel
+        for u in units:
+            if len(u.prompt) + max_new > per_seq:
+                raise ConfigError(
+                    f"{len(u.prompt)} prompt tokens + {max_new} new ones exceed the {per_seq} cells of a sequence "
+                    f"(n_ctx {n_ctx} / {n_parallel} sequences): raise n_ctx or lower n_parallel"
+                )
     waves: list[list[_Unit]] = []
     seqs = cells = 0
     for u in units:
-        need = u.cells(max_new)
+        need = u.cells(max_new) if unified else 0  # a sequence's own cells were checked above
         if need > n_ctx:
             raise ConfigError(
                 f"teacher.n_ctx={n_ctx} cannot hold one request: {len(u.prompt)} prompt tokens + {len(u.samples)} "
@@ -316,6 +411,8 @@ def plan_waves(units: list[_Unit], *, n_parallel: int, n_ctx: int, max_new: int)
 
 class LlamaCppTeacher(Teacher):
     """``teacher.type=llamacpp``: continuations from a GGUF model run in-process by llama.cpp."""
+
+    tokenizer: Any  # the model's Hugging Face tokenizer, read from the GGUF file
 
     def __init__(
         self,
@@ -434,8 +531,8 @@ class LlamaCppTeacher(Teacher):
                 top_p=spec.top_p,
                 share_prefixes=self.share_prefixes,
             )
-            for u, samples in zip(wave, outs, strict=True):
-                tokens[u.request].extend(samples)
+            for u, drawn in zip(wave, outs, strict=True):
+                tokens[u.request].extend(drawn)
                 if u.samples.stop == spec.n:  # the request's last unit: its result is whole
                     i = u.request
                     texts = [cast(str, self.tokenizer.decode(t, skip_special_tokens=True)) for t in tokens[i]]
