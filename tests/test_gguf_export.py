@@ -105,3 +105,22 @@ def test_greedy_answers_match_the_hf_generator(exported):
     ref = HFGenerator(model, tok).generate(problems, **kwargs)
     same = [a[0] == b[0] for a, b in zip(ours, ref, strict=True)]
     assert sum(same) >= 3, [(a[0], b[0]) for a, b in zip(ours, ref, strict=True)]  # float ties may part one answer
+
+
+def test_bfloat16_weights_round_the_logits_a_little(exported, tmp_path):
+    from omniopd.gguf_export import export_gguf
+    from omniopd.teachers.llamacpp import LlamaCppEngine
+
+    model, tok, template, _ = exported
+    path = export_gguf(model, template, tmp_path / "student.bf16.gguf", dtype="bf16")
+    engine = LlamaCppEngine(path, n_ctx=1024, n_parallel=1)
+    try:
+        ids = tok("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        ours = engine.next_token_logits(ids).astype(np.float64)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+        spread = ref.max() - ref.min()
+        assert 1e-4 * spread < np.abs(ours - ref).max() < 0.05 * spread  # rounded, but not far
+        assert ours.argmax() == ref.argmax()
+    finally:
+        engine.close()

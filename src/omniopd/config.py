@@ -161,6 +161,7 @@ class EvalConfig(_Section):
     # what decodes the answers: hf (transformers' generate) or llamacpp (the weights written as a GGUF with the
     # student's GGUF metadata, decoded by llama.cpp; needs a GGUF student: a packaged name or a .gguf path)
     engine: Literal["hf", "llamacpp"] = "hf"
+    gguf_dtype: Literal["f32", "bf16"] = "f32"  # llamacpp: the weights as written (f32 exact, bf16 rounded, faster)
 
 
 class LoraConfig(_Section):

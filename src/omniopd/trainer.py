@@ -455,6 +455,7 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
         insecure_no_isolation=e.insecure_no_isolation,
         engine=e.engine,
         gguf_template=state.cfg.student.gguf_template,
+        gguf_dtype=e.gguf_dtype,
     )
     summary["data"] = benchmark
     (state.out_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=2))

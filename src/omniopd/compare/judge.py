@@ -130,7 +130,9 @@ class Judge:
                 {
                     # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
                     # eval.engine only where it is not the default hf: measures cached before it existed stay valid
-                    "eval": cfg.eval.model_dump(mode="json", exclude={"engine"} if cfg.eval.engine == "hf" else None),
+                    "eval": cfg.eval.model_dump(
+                        mode="json", exclude={"engine", "gguf_dtype"} if cfg.eval.engine == "hf" else None
+                    ),
                     "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
                     # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
                     # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
@@ -333,6 +335,7 @@ class Judge:
             insecure_no_isolation=e.insecure_no_isolation,
             engine=e.engine,
             gguf_template=self.cfg.student.gguf_template,
+            gguf_dtype=e.gguf_dtype,
         )
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
         B = self.cfg.compare.bootstrap_samples

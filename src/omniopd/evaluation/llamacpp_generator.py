@@ -26,10 +26,12 @@ class LlamaCppGenerator:
         self.n_parallel, self.seed = n_parallel, seed
 
     @classmethod
-    def from_model(cls, model, tokenizer, template_gguf: Path, name: str = "model", **kwargs) -> LlamaCppGenerator:
+    def from_model(
+        cls, model, tokenizer, template_gguf: Path, name: str = "model", dtype: str = "f32", **kwargs
+    ) -> LlamaCppGenerator:
         from omniopd.gguf_export import gguf_for
 
-        return cls(gguf_for(model, template_gguf), tokenizer, name, **kwargs)
+        return cls(gguf_for(model, template_gguf, dtype), tokenizer, name, **kwargs)
 
     def generate(self, problems, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
         from omniopd.evaluation.runner import Sample

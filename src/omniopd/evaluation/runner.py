@@ -309,6 +309,7 @@ def evaluate_model(
     insecure_no_isolation: bool = False,
     engine: str = "hf",
     gguf_template: str | None = None,
+    gguf_dtype: str = "f32",
 ) -> dict:
     """Single-sample evaluation of a local model on any benchmark (what the trainer uses). ``engine="llamacpp"``
     decodes through llama.cpp from the model's weights written as a GGUF file with ``gguf_template``'s metadata
@@ -320,7 +321,7 @@ def evaluate_model(
 
         if gguf_template is None:
             raise ValueError("engine='llamacpp' needs gguf_template: the GGUF file the model came from")
-        generator = LlamaCppGenerator.from_model(model, tokenizer, gguf_file(gguf_template))
+        generator = LlamaCppGenerator.from_model(model, tokenizer, gguf_file(gguf_template), dtype=gguf_dtype)
     return evaluate(
         generator,
         benchmark,
