@@ -3,6 +3,8 @@ tiny random Llama, and white-box OPD refuses teachers it cannot read."""
 
 from __future__ import annotations
 
+import re
+
 import json
 
 import pytest
@@ -89,7 +91,7 @@ def test_exact_kl_opd_refuses_teacher_with_another_tokenizer(tiny_model_dir, gsm
     cfg = _cfg(tiny_model_dir, gsm8k_like, tmp_path / "run", {"type": "local", "model": str(tdir)}, method="opd",
                opd={"estimator": "full"})
     prefix = OPD_TOKENIZER_ERROR.split("{")[0]
-    with pytest.raises(ConfigError, match="^" + prefix.replace("(", r"\(")) as err:
+    with pytest.raises(ConfigError, match="^" + re.escape(prefix)) as err:
         train(cfg, progress=False)
     assert "tokens vs the student's" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -103,7 +105,7 @@ def test_sampled_opd_with_another_tokenizer_aligns_spans(tiny_model_dir, gsm8k_l
                          teacher={"type": "local", "model": str(tdir), "batch_size": 16})
     for r in rows:
         assert r["opd/unaligned"] == 0 and r["opd/spans_per_response"] > 1
-        assert r["opd/student_tokens_per_span"] == pytest.approx(1.0, abs=0.05)  # one character, one token
+        assert 1.0 <= r["opd/student_tokens_per_span"] < 1.5  # one character a token; end-of-turn tokens join a span
         assert torch.isfinite(torch.tensor(r["opd/reverse_kl_mean"])) and r["opd/reverse_kl_mean"] != 0.0
     assert summary["teacher_tokens"] > 0
 
@@ -121,7 +123,6 @@ def test_cross_tokenizer_alignment_by_hand():
     unk = s_tok("a~", add_special_tokens=False)["input_ids"]  # "~" is not in either vocabulary: <unk>, dropped
     t_ids, spans, metrics = cross_tokenizer_alignment(s_tok, teacher, [ids, unk])
     assert t_ids[0] == t_tok("ab c", add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
-    assert t_ids[0] != ids  # other ids for the same characters
     # one span per character, the end-of-turn tokens of both sides in the last one
     assert [(s.student, s.teacher) for s in spans[0]] == [((0,), (0,)), ((1,), (1,)), ((2,), (2,)), ((3, 4), (3, 4))]
     assert spans[1] is None and metrics["opd/unaligned"] == 1.0

@@ -84,7 +84,7 @@ def test_api_fields_are_typed_and_validated_with_one_line():
     assert error(overrides=["teacher.type=gemini"]) == (
         "teacher.model: required for teacher.type=gemini (the model name the API serves)")
     assert error(overrides=["teacher.type=vllm"]) == (
-        "teacher.type: Input should be 'local', 'privileged', 'openai-completions', 'openai-chat', 'anthropic' "
+        "teacher.type: Input should be 'local', 'privileged', 'llamacpp', 'openai-completions', 'openai-chat', 'anthropic' "
         "or 'gemini' (got 'vllm')")
     assert error(overrides=["teacher.backof_base_s=1"]) == "unknown config key 'teacher.backof_base_s'"
     assert error(overrides=["teacher.type=gemini", "teacher.model=m", "teacher.prompt_cache=false"]) == (
