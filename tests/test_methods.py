@@ -3,9 +3,8 @@ tiny random Llama, and white-box OPD refuses teachers it cannot read."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 
 import pytest
 import torch
