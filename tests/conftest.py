@@ -143,3 +143,45 @@ def gsm8k_like(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], ready_url: str, log_path: Path, name: str, timeout_s: float = 120.0, env=None):
+    """Start ``cmd`` (its output to ``log_path``), wait until ``ready_url`` answers 200, yield the seconds it took to
+    come up, and stop it (terminate, then kill). A server that exits or is not up in ``timeout_s`` fails the test
+    with the end of its log."""
+    import subprocess
+    import time
+    import urllib.request
+
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - started > timeout_s:
+                pytest.fail(f"{name} not up after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield time.perf_counter() - started
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +31,7 @@ import pytest
 pytest.importorskip("llama_cpp.server")
 pytest.importorskip("openai")
 
+from conftest import free_port, running_server
 from omniopd.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +42,6 @@ RAW_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "presence_penal
                 "mirostat_mode": 0}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from omniopd.models import gguf_file
@@ -58,35 +50,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         path = gguf_file("smollm2-135m-instruct")
     except ModelError as err:
         pytest.skip(f"the packaged SmolLM2 GGUF is unavailable: {err}")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", ALIAS, "--host",
            "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "false"]
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=2) as resp:
-                    models = [m["id"] for m in json.load(resp)["data"]]
-                    break
-            except OSError:
-                pass
-            if time.perf_counter() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(f"llama_cpp.server not up after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with running_server(cmd, url + "/v1/models", log_path, "llama_cpp.server", STARTUP_TIMEOUT_S, env):
+        with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
+            models = [m["id"] for m in json.load(resp)["data"]]
         yield {"url": url, "models": models}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:

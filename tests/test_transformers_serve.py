@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,18 +24,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
+from conftest import free_port, running_server
 from omniopd.errors import ModelError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 from omniopd.teachers.openai_backend import OpenAIChatTeacher, OpenAICompletionsTeacher
 
 STARTUP_TIMEOUT_S = 120.0
 NO_KEY_ENV = "OMNIOPD_TEST_UNSET_KEY"  # never send a developer's real key to the local server
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tiny_model(target: Path) -> Any:
@@ -101,28 +93,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     root = tmp_path_factory.mktemp("transformers-serve")
     model_dir = root / "tiny-llama"
     tok = _tiny_model(model_dir)
-    port = _free_port()
+    port = free_port()
     log_path = root / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(_serve_command(model_dir, port), stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(
-                    f"transformers serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.25)
+    url = f"http://127.0.0.1:{port}"
+    with running_server(_serve_command(model_dir, port), url + "/health", log_path, "transformers serve",
+                        STARTUP_TIMEOUT_S, env) as startup_s:
         with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
             models = [m["id"] for m in json.load(resp)["data"]]
         yield {
@@ -130,16 +106,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             "model": str(model_dir),
             "models": models,
             "tokenizer": tok,
-            "startup_s": time.perf_counter() - started,
+            "startup_s": startup_s,
             "log": log_path,
         }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 REQUESTS = [

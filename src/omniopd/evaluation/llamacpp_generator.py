@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from omniopd.evaluation.sample import Sample
 from omniopd.prompts import student_messages
 from omniopd.rollout import chat_prompts
 
@@ -34,7 +35,6 @@ class LlamaCppGenerator:
         return cls(gguf_for(model, template_gguf, dtype), tokenizer, name, **kwargs)
 
     def generate(self, problems, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
-        from omniopd.evaluation.runner import Sample
         from omniopd.teachers.llamacpp import LlamaCppEngine, _Unit
 
         tok = self.tokenizer

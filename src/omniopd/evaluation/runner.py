@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from omniopd.data import CODE_BENCHMARKS, Example, load_examples
 from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
+from omniopd.evaluation.sample import Sample
 from omniopd.prompts import CODE_INSTRUCTION, student_messages
 from omniopd.rollout import chat_prompts, generate_texts
 from omniopd.stats import mean_ci
@@ -44,13 +45,6 @@ class Problem:
     instruction: str | None  # None: the math answer format
     gold: str | None = None  # math: the final answer
     task: CodeTask | None = None  # code: the task (every code problem has one)
-
-
-@dataclass
-class Sample:
-    text: str
-    tokens: int  # generated tokens (0 when unknown, e.g. API without usage)
-    finished: bool  # ended by the model, not by the length limit
 
 
 class Generator(Protocol):

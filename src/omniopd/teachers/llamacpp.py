@@ -49,7 +49,7 @@ from omniopd.errors import ConfigError, ModelError
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
 from omniopd.teachers.ledger import BudgetLedger
-from omniopd.teachers.protocols import completion_prompt
+from omniopd.teachers.protocols import in_process_prompt
 
 log = logging.getLogger(__name__)
 
@@ -441,28 +441,17 @@ class LlamaCppTeacher(Teacher):
         name: str,
         *,
         privileged: bool = False,
-        n_ctx: int = 16384,
-        n_parallel: int = 64,
-        n_batch: int = 1024,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        flash_attn: bool = False,
         share_prefixes: bool = True,
         cache_path: str | None = None,
         max_total_tokens: int | None = None,
+        **engine_options: Any,
     ) -> LlamaCppTeacher:
+        """The teacher of a packaged name or .gguf path; ``engine_options`` are :class:`LlamaCppEngine`'s
+        (n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers, flash_attn)."""
         from omniopd.models import gguf_file, load_gguf_tokenizer
 
         path = gguf_file(name)
-        engine = LlamaCppEngine(
-            path,
-            n_ctx=n_ctx,
-            n_parallel=n_parallel,
-            n_batch=n_batch,
-            n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers,
-            flash_attn=flash_attn,
-        )
+        engine = LlamaCppEngine(path, **engine_options)
         model_id = f"{path.name}:{path.stat().st_size}"
         return cls(
             engine,
@@ -477,10 +466,7 @@ class LlamaCppTeacher(Teacher):
 
     def prompt_text(self, req: ContinuationRequest) -> str:
         """The same text :meth:`LocalTeacher.prompt_text` gives: the chat template, then the prefix verbatim."""
-        text = completion_prompt(req, privileged=self.privileged, tokenizer=self.tokenizer, strip_bos=False)
-        if getattr(self.tokenizer, "chat_template", None) is None and self.tokenizer.bos_token:
-            text = self.tokenizer.bos_token + text
-        return text
+        return in_process_prompt(req, privileged=self.privileged, tokenizer=self.tokenizer)
 
     def prompt_ids(self, req: ContinuationRequest) -> list[int]:
         return list(self.tokenizer(self.prompt_text(req), add_special_tokens=False)["input_ids"])

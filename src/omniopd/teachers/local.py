@@ -47,7 +47,7 @@ from omniopd.alignment import position_ids
 from omniopd.models import eos_token_ids, load_model
 from omniopd.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
-from omniopd.teachers.protocols import completion_prompt
+from omniopd.teachers.protocols import in_process_prompt
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -110,10 +110,7 @@ class LocalTeacher(Teacher):
         """Exactly what the teacher model reads: its chat template (a plain "Question/Answer" frame for a
         base model without one, after its BOS), then the student's prefix verbatim -- the completion
         protocol of ``teachers.protocols``, the same text an OpenAI-compatible server would get."""
-        text = completion_prompt(req, privileged=self.privileged, tokenizer=self.tokenizer, strip_bos=False)
-        if getattr(self.tokenizer, "chat_template", None) is None and self.tokenizer.bos_token:
-            text = self.tokenizer.bos_token + text
-        return text
+        return in_process_prompt(req, privileged=self.privileged, tokenizer=self.tokenizer)
 
     @torch.no_grad()
     def continue_prefixes(self, requests: list[ContinuationRequest], spec: SamplingSpec) -> list[ContinuationResult]:

@@ -128,6 +128,15 @@ def completion_prompt(
     return head + request.prefix
 
 
+def in_process_prompt(request: ContinuationRequest, *, privileged: bool, tokenizer: Any) -> str:
+    """What an in-process teacher (HF or llama.cpp) tokenizes: :func:`completion_prompt` with the template's own
+    BOS kept (nothing adds a second one), and for a base model without a chat template its BOS in front."""
+    text = completion_prompt(request, privileged=privileged, tokenizer=tokenizer, strip_bos=False)
+    if getattr(tokenizer, "chat_template", None) is None and tokenizer.bos_token:
+        text = tokenizer.bos_token + text
+    return text
+
+
 def completion_postprocess(text: str) -> str:
     """The completion protocol is exact: the returned text already continues the prefix."""
     return text
