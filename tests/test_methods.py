@@ -116,10 +116,10 @@ def test_cross_tokenizer_alignment_by_hand():
 
     from omniopd.methods.opd import cross_tokenizer_alignment
 
-    s_tok, t_tok = char_tokenizer(), char_tokenizer(extra_chars="äöüßé")
+    s_tok, t_tok = char_tokenizer(extra_chars="äöüßé"), char_tokenizer()  # the teacher lacks "é"
     teacher = SimpleNamespace(tokenizer=t_tok, model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)))
     ids = s_tok("ab c", add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
-    unk = s_tok("a~", add_special_tokens=False)["input_ids"]  # "~" is not in either vocabulary: <unk>, dropped
+    unk = s_tok("aé", add_special_tokens=False)["input_ids"]  # the teacher reads "é" as <unk>: "a" is not "aé"
     t_ids, spans, metrics = cross_tokenizer_alignment(s_tok, teacher, [ids, unk])
     assert t_ids[0] == t_tok("ab c", add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
     # one span per character, the end-of-turn tokens of both sides in the last one
