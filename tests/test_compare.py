@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 
 import pytest
 import yaml
@@ -497,9 +498,21 @@ def test_a_second_stage_starts_from_an_earlier_arms_final_weights(tiny_model_dir
 
     again = run_compare(path, [], progress=False)
     assert {r["name"]: r["status"] for r in again["rows"]}["sft-omniopd"] == "ok (reused)"
-    # the first stage trained again (another summary): the second stage is not finished on it any more
-    summary = out / "runs" / "sft" / "summary.json"
-    summary.write_text(summary.read_text().replace("{", '{"retrained": true, ', 1))
-    from omniopd.compare.arms import arm_finished
+    from omniopd.compare.arms import arm_finished, weights_digest
 
+    # a new checkout: the first stage's weights are not committed. A finished second stage stays finished; one
+    # that must train brings the first stage's final/ back by training it again from its saved config
+    measured = (out / "runs" / "sft" / "final.sha256").read_text().strip()
+    assert measured == weights_digest(out / "runs" / "sft" / "final")
+    shutil.rmtree(out / "runs" / "sft" / "final")
+    assert arm_finished(stage)
+    (out / "runs" / "sft-omniopd" / "summary.json").unlink()
+    third = run_compare(path, [], progress=False)
+    status = {r["name"]: r["status"] for r in third["rows"]}["sft-omniopd"]
+    assert status == "ok (sft's final/ trained again: the same weights as measured)", status
+    assert weights_digest(out / "runs" / "sft" / "final") == measured
+    assert not (out / "runs" / "sft" / "restore").exists()
+    # the first stage trained with another config: the second stage is not finished on it any more
+    saved_sft = out / "runs" / "sft" / "config.yaml"
+    saved_sft.write_text(saved_sft.read_text().replace("lr: ", "lr: 3", 1))
     assert not arm_finished(stage)

@@ -236,19 +236,13 @@ def _cmd_eval(args) -> int:
     if args.temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0 (got {args.temperature})")
     ks = tuple(sorted(set(args.k or [1, args.n])))
-    from omniopd.evaluation.runner import (
-        CODE_BENCHMARKS,
-        Generator,
-        HFGenerator,
-        TeacherGenerator,
-        evaluate,
-        load_problems,
-    )
+    from omniopd.data import is_code_dataset
+    from omniopd.evaluation.runner import Generator, HFGenerator, TeacherGenerator, evaluate, load_problems
 
     load_problems(
         args.data, limit=args.limit, question_field=args.question_field, answer_field=args.answer_field
     )  # fail fast
-    if args.data.lower() in CODE_BENCHMARKS:
+    if is_code_dataset(args.data):
         from omniopd.evaluation.code import check_isolation
 
         check_isolation(args.insecure_no_isolation)  # before loading a model and generating

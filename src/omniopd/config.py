@@ -253,7 +253,19 @@ class SFTConfig(_Section):
         256, gt=0
     )  # teacher-written solution length (teacher tokens; student tokens cut there too)
     temperature: float = Field(0.0, ge=0.0, le=5.0)  # 0: greedy, the teacher's best single solution
+    # teacher solutions per prompt (> 1 needs temperature > 0): a step trains on every solution of its prompts,
+    # so teacher tokens and compute grow k-fold (a continued SFT stage given a second stage's teacher budget)
+    solutions_per_prompt: int = Field(1, ge=1, le=64)
     cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check_solutions(self) -> "SFTConfig":
+        if self.solutions_per_prompt > 1 and (self.source != "teacher" or self.temperature == 0):
+            raise ValueError(
+                "sft.solutions_per_prompt > 1 needs sft.source=teacher and sft.temperature > 0 "
+                "(greedy decoding writes the same solution every time; a reference is one solution)"
+            )
+        return self
 
 
 class OPDConfig(_Section):

@@ -55,6 +55,16 @@ EVAL_ID_FILES = {"mbppplus": "mbppplus/MbppPlus.jsonl", "humaneval": "humaneval/
 CODE_BENCHMARKS = ("humaneval", "mbppplus")  # graded by running code (evaluation.code loads them)
 
 
+def is_mbpp_spec(spec: str) -> bool:
+    """``mbpp`` or ``mbpp:<split>+<split>``: MBPP prompts, graded by their own unit tests."""
+    return spec.strip().lower() == "mbpp" or spec.strip().lower().startswith("mbpp:")
+
+
+def is_code_dataset(spec: str) -> bool:
+    """A set graded by running code: the code benchmarks and MBPP's prompts (by their ``test_list``)."""
+    return spec.strip().lower() in CODE_BENCHMARKS or is_mbpp_spec(spec)
+
+
 def dataset_names() -> list[str]:
     """Every dataset name the loaders resolve: the math sets, ``mbpp`` and the code benchmarks."""
     return [*NAMED_DATASETS, "mbpp", *CODE_BENCHMARKS]
@@ -148,7 +158,7 @@ def load_examples(
 ) -> list[Example]:
     """Load a named dataset (``gsm8k-dev``, ``mbpp``, ...) or a jsonl path (no evaluation-overlap check:
     a training set is loaded with :func:`load_train_examples`)."""
-    if spec == "mbpp" or spec.startswith("mbpp:"):
+    if is_mbpp_spec(spec):
         return load_mbpp(spec, limit=limit)
     if spec in NAMED_DATASETS:
         rel, qf, af = NAMED_DATASETS[spec]

@@ -138,12 +138,71 @@ def stage_parent(cfg: RunConfig) -> Path | None:
 
 
 def _parent_mark(cfg: RunConfig) -> str | None:
-    """What the arm's first stage was: the sha256 of its summary.json (None when it has not finished)."""
+    """Which first stage the arm starts from: the sha256 of that finished arm's config (the run-control fields
+    left out), or None while it has not finished. A first stage trained again with the same config (its weights
+    restored in a new checkout) is the same stage; one trained with another config is not."""
     import hashlib
 
+    import yaml
+
+    from omniopd.config import normalized
+
     parent = stage_parent(cfg)
-    summary = parent / "summary.json" if parent is not None else None
-    return hashlib.sha256(summary.read_bytes()).hexdigest() if summary is not None and summary.is_file() else None
+    if parent is None or not (parent / "summary.json").is_file() or not (parent / "config.yaml").is_file():
+        return None
+    try:
+        saved = _without(normalized(yaml.safe_load((parent / "config.yaml").read_text())), _RUN_CONTROL)
+    except (OSError, yaml.YAMLError):
+        return None
+    return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(final: Path) -> str:
+    """The sha256 of a model directory's weight files (``*.safetensors``, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(final.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def restore_final(parent: Path, log_path: Path, env: dict[str, str]) -> str:
+    """Train a finished arm again from its saved config, only to bring back its ``final/`` (a results folder is
+    committed without the weights); its results stay the ones measured. Returns what happened, in one line,
+    with whether the weights equal the ones measured (``final.sha256``, written when the arm finished)."""
+    scratch = parent / "restore"
+    shutil.rmtree(scratch, ignore_errors=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"omniopd compare: {parent.name}'s final/ is not here: training it again from its config.yaml\n")
+        log.flush()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "omniopd",
+                "train",
+                str(parent / "config.yaml"),
+                f"output_dir={scratch}",
+                "--overwrite",
+                "--no-progress",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    if proc.returncode != 0 or not (scratch / "final" / "config.json").is_file():
+        raise RuntimeError(f"training {parent.name} again failed (exit {proc.returncode}): see {log_path}")
+    shutil.move(str(scratch / "final"), str(parent / "final"))
+    shutil.rmtree(scratch, ignore_errors=True)
+    digest, recorded = weights_digest(parent / "final"), parent / "final.sha256"
+    same = recorded.is_file() and recorded.read_text().strip() == digest
+    return f"{parent.name}'s final/ trained again: " + (
+        "the same weights as measured" if same else "weights differ from the ones measured (or were not recorded)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -213,7 +272,7 @@ def arm_finished(cfg: RunConfig) -> bool:
     run_dir = Path(cfg.output_dir)
     if stage_parent(cfg) is not None:  # a second stage is finished only on the first stage it started from
         mark = run_dir / "init_from.json"
-        if not mark.is_file() or json.loads(mark.read_text()).get("summary_sha256") != _parent_mark(cfg):
+        if not mark.is_file() or json.loads(mark.read_text()).get("config_sha256") != _parent_mark(cfg):
             return False
     return (
         (run_dir / "summary.json").is_file()
@@ -239,23 +298,6 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
             "steps": s.get("steps"),
             "model": str(run_dir / "final"),
         }
-    if (parent := stage_parent(cfg)) is not None:
-        if not (parent / "final" / "config.json").is_file():
-            return {
-                "status": f"failed: it starts from {parent.name}, whose final/ is not here (train it again first: "
-                f"omniopd compare RECIPE --only {parent.name} {name} --rerun)",
-                "model": None,
-            }
-        from omniopd.checkpoint import checkpoint_root
-
-        mark, marker = _parent_mark(cfg), run_dir / "init_from.json"
-        if not marker.is_file() or json.loads(marker.read_text()).get("summary_sha256") != mark:
-            shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)  # begun on another first stage: start over
-            run_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"run": str(parent), "summary_sha256": mark}, indent=2))
-    cfg_path = out / "configs" / f"{name}.yaml"
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(text)
     log_path = out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     src = str(Path(__file__).resolve().parents[2])
@@ -264,6 +306,29 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
         "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
+    restored = ""
+    if (parent := stage_parent(cfg)) is not None:
+        mark = _parent_mark(cfg)
+        if mark is None:
+            return {
+                "status": f"failed: it starts from {parent.name}, which has not finished (train it first)",
+                "model": None,
+            }
+        if not (parent / "final" / "config.json").is_file():
+            try:
+                restored = restore_final(parent, out / "logs" / f"{parent.name}.log", env)
+            except RuntimeError as err:
+                return {"status": f"failed: {err}", "model": None}
+        from omniopd.checkpoint import checkpoint_root
+
+        marker = run_dir / "init_from.json"
+        if not marker.is_file() or json.loads(marker.read_text()).get("config_sha256") != mark:
+            shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)  # begun on another first stage: start over
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run": str(parent), "config_sha256": mark}, indent=2))
+    cfg_path = out / "configs" / f"{name}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(text)
     summary_path.unlink(missing_ok=True)
     if rerun:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -275,6 +340,8 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
         say, log_mode = "", "w"
     t0 = time.perf_counter()
     with log_path.open(log_mode, encoding="utf-8") as log:
+        if restored:
+            log.write(f"omniopd compare: {restored}\n")
         if say:
             log.write(f"omniopd compare: {say}\n")
             log.flush()
@@ -295,8 +362,12 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
     s = json.loads(summary_path.read_text())
     if not keep_checkpoints:  # the arm is finished: final/ is what gets measured, the resume state is dead weight
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "final.sha256").write_text(
+        weights_digest(run_dir / "final") + "\n"
+    )  # a restored final/ is checked on it
+    notes = [n for n in (say, restored) if n]
     return {
-        "status": f"ok ({say})" if say else "ok",
+        "status": f"ok ({'; '.join(notes)})" if notes else "ok",
         "train_wall_s": wall,
         "teacher_tokens": s.get("teacher_tokens"),
         "teacher_requests": s.get("teacher_requests"),

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
-from omniopd.data import CODE_BENCHMARKS, Example, load_examples
+from omniopd.data import CODE_BENCHMARKS, CodeTests, Example, is_code_dataset, load_examples
 from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
 from omniopd.evaluation.sample import Sample
@@ -44,7 +44,9 @@ class Problem:
     question: str  # what the model is asked (before the instruction)
     instruction: str | None  # None: the math answer format
     gold: str | None = None  # math: the final answer
-    task: CodeTask | None = None  # code: the task (every code problem has one)
+    task: CodeTask | None = None  # a code benchmark's task (HumanEval, MBPP+)
+    tests: CodeTests | None = None  # an MBPP prompt's own unit tests (``mbpp:validation``): all must pass
+    reference: str | None = None  # its reference solution (names the function the tests call)
 
 
 class Generator(Protocol):
@@ -124,7 +126,12 @@ def load_problems(
     examples: list[Example] = load_examples(
         benchmark, limit=limit, question_field=question_field, answer_field=answer_field
     )
-    return [Problem(ex.id, ex.question, None, gold=ex.answer) for ex in examples]
+    return [
+        Problem(ex.id, ex.question, ex.instruction, tests=ex.tests, reference=ex.reference)
+        if ex.tests is not None
+        else Problem(ex.id, ex.question, None, gold=ex.answer)
+        for ex in examples
+    ]
 
 
 def _rate(count: int, n: int) -> dict:
@@ -158,7 +165,7 @@ def evaluate(
     unknown = [r for r in extraction if r not in EXTRACTION_RULES]
     if unknown:
         raise ConfigError(f"unknown extraction rule {unknown[0]!r}: use {', '.join(EXTRACTION_RULES)}")
-    is_code = benchmark.lower() in CODE_BENCHMARKS
+    is_code = is_code_dataset(benchmark)
     if is_code:  # before generating anything: grading refuses to run without the isolated sandbox
         from omniopd.evaluation.code import check_isolation
 
@@ -176,7 +183,9 @@ def evaluate(
     )
     t_gen = time.perf_counter() - t0
     records: list[dict] = []
-    if is_code:
+    if is_code and benchmark.lower() not in CODE_BENCHMARKS:
+        records = _grade_own_tests(problems, samples, grade_workers, insecure_no_isolation)
+    elif is_code:
         from omniopd.evaluation.code import grade_many
 
         pairs: list[tuple[CodeTask | str, str]] = []
@@ -243,6 +252,43 @@ def evaluate(
             for r in records:
                 fh.write(json.dumps(r) + "\n")
     return summary
+
+
+def _grade_own_tests(problems: list[Problem], samples: list[list[Sample]], workers, insecure: bool) -> list[dict]:
+    """MBPP prompts: an answer is correct when its extracted code passes every one of the prompt's unit tests
+    (the same grader as GRPO's code reward, in the isolated judge)."""
+    from omniopd.evaluation.code import grade_tests
+    from omniopd.evaluation.sandbox import parallel_map
+
+    pairs = [(p, j, s) for p, ss in zip(problems, samples, strict=True) for j, s in enumerate(ss)]
+
+    def grade(item):
+        p, _, s = item
+        assert p.tests is not None  # load_problems gives every MBPP problem its tests
+        t = p.tests
+        return grade_tests(
+            s.text, t.asserts, setup=[*t.imports, t.setup_code], reference=p.reference, insecure_no_isolation=insecure
+        )
+
+    grades = parallel_map(grade, pairs, workers)
+    return [
+        {
+            "id": p.id,
+            "sample": j,
+            "question": p.question,
+            "output": s.text,
+            "correct": g.passed,
+            "tests_passed": g.tests_passed,
+            "tests_total": g.tests_total,
+            "status": g.status,
+            "detail": g.detail[:500],
+            "base_passed": None,
+            "tokens": s.tokens,
+            "finished": s.finished,
+            "grade_s": g.seconds,
+        }
+        for (p, j, s), g in zip(pairs, grades, strict=True)
+    ]
 
 
 def summarise(records: list[dict], num_problems: int, n: int, ks: tuple[int, ...], is_code: bool) -> dict:

@@ -2,7 +2,8 @@
 
 The "sample" is the target solution of each prompt: written once by the configured teacher (it
 continues an empty answer; greedy by default; cached on disk) or the dataset's reference
-(``sft.source``); one target per prompt. Loss: NLL of the target tokens / #sequences. It logs ``sft/*``
+(``sft.source``); one target per prompt, or ``sft.solutions_per_prompt`` sampled ones (a step then trains on
+all of them). Loss: NLL of the target tokens / #sequences. It logs ``sft/*``
 about its targets instead of ``rollout/*``; ``teacher/tokens`` are the tokens of the solutions used,
 counted even when read from the cache.
 """
@@ -76,6 +77,8 @@ def sft_cache_path(cfg: RunConfig, teacher: Teacher) -> Path:
         "seed": cfg.seed,
         "instruction": ANSWER_INSTRUCTION,
     }
+    if cfg.sft.solutions_per_prompt > 1:  # one request of n samples: not the same draws as n = 1
+        spec["n"] = cfg.sft.solutions_per_prompt
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return root / f"{key}.jsonl"
 
@@ -92,15 +95,28 @@ def _read_cache(path: Path) -> dict[str, SFTTarget]:
     return out
 
 
+def _target_keys(ex: Example, k: int) -> list[str]:
+    """The cache keys of an example's ``k`` solutions (one solution: the example's own key)."""
+    key = _example_key(ex)
+    return [key] if k == 1 else [f"{key}#{j}" for j in range(k)]
+
+
+def _teacher_length(teacher: Teacher, text: str) -> int:
+    """One of several completions' length in the teacher's tokens (0, read as finished, when it has no tokenizer)."""
+    return len(teacher.tokenizer.encode(text, add_special_tokens=False)) if teacher.tokenizer is not None else 0
+
+
 def teacher_solutions(cfg: RunConfig, teacher: Teacher, examples: list[Example]) -> dict[str, SFTTarget]:
-    """One teacher-written solution per example, read from the cache or generated (and appended) once."""
+    """``sft.solutions_per_prompt`` teacher-written solutions per example (keyed by :func:`_target_keys`), read
+    from the cache or generated (and appended) once."""
     path = sft_cache_path(cfg, teacher)
     cached = _read_cache(path)
-    missing = [ex for ex in examples if _example_key(ex) not in cached]
+    k = cfg.sft.solutions_per_prompt
+    missing = [ex for ex in examples if any(key not in cached for key in _target_keys(ex, k))]
     if missing:
-        tqdm.write(f"omniopd: sft: the teacher writes {len(missing)} solutions (once; cached in {path})")
+        tqdm.write(f"omniopd: sft: the teacher writes {len(missing) * k} solutions (once; cached in {path})")
         spec = SamplingSpec(
-            n=1,
+            n=k,
             max_new_tokens=cfg.sft.max_new_tokens,
             temperature=cfg.sft.temperature,
             top_p=cfg.teacher.top_p,
@@ -116,28 +132,29 @@ def teacher_solutions(cfg: RunConfig, teacher: Teacher, examples: list[Example])
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
             for ex, res in zip(missing, results, strict=True):
-                if not res.ok or len(res.texts) != 1:
+                if not res.ok or len(res.texts) != k:
                     raise TeacherError(
-                        f"sft: the teacher failed to write a solution for {ex.id}: {res.error or 'no text'}"
+                        f"sft: the teacher failed to write {k} solution(s) for {ex.id}: {res.error or 'no text'}"
                     )
-                # a completion shorter than the limit ended on EOS (the local teachers stop there)
-                target = SFTTarget(
-                    res.texts[0], res.completion_tokens < spec.max_new_tokens, res.prompt_tokens + res.completion_tokens
-                )
-                cached[_example_key(ex)] = target
-                fh.write(
-                    json.dumps(
-                        {
-                            "key": _example_key(ex),
-                            "id": ex.id,
-                            "text": target.text,
-                            "finished": target.finished,
-                            "teacher_tokens": target.teacher_tokens,
-                        }
+                per_text = (res.prompt_tokens + res.completion_tokens) / k  # a request's tokens, shared
+                lengths = [res.completion_tokens] if k == 1 else [_teacher_length(teacher, t) for t in res.texts]
+                for key, text, length in zip(_target_keys(ex, k), res.texts, lengths, strict=True):
+                    # a completion shorter than the limit ended on EOS (the local teachers stop there)
+                    target = SFTTarget(text, length < spec.max_new_tokens, round(per_text))
+                    cached[key] = target
+                    fh.write(
+                        json.dumps(
+                            {
+                                "key": key,
+                                "id": ex.id,
+                                "text": target.text,
+                                "finished": target.finished,
+                                "teacher_tokens": target.teacher_tokens,
+                            }
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
-    return {_example_key(ex): cached[_example_key(ex)] for ex in examples}
+    return {key: cached[key] for ex in examples for key in _target_keys(ex, k)}
 
 
 def prepare(state: TrainState) -> None:
@@ -157,31 +174,33 @@ def prepare(state: TrainState) -> None:
     state.extras["sft_targets"] = targets
     with (state.out_dir / "sft_solutions.jsonl").open("w", encoding="utf-8") as fh:
         for ex in examples:
-            t = targets[_example_key(ex)]
-            fh.write(json.dumps({"id": ex.id, "source": cfg.sft.source, "text": t.text, "finished": t.finished}) + "\n")
+            for key in _target_keys(ex, cfg.sft.solutions_per_prompt):
+                t = targets[key]
+                row = {"id": ex.id, "source": cfg.sft.source, "text": t.text, "finished": t.finished}
+                fh.write(json.dumps(row) + "\n")
 
 
 def sample(state: TrainState, examples: list[Example]) -> Rollouts:
     """The target solutions of this step's prompts as a packed batch: [student prompt | target tokens]."""
-    tok, cap = state.tokenizer, state.cfg.sft.max_new_tokens
+    tok, cap, k = state.tokenizer, state.cfg.sft.max_new_tokens, state.cfg.sft.solutions_per_prompt
     targets: dict[str, SFTTarget] = state.extras["sft_targets"]
-    prompts = chat_prompts(tok, [student_messages(ex.question, ex.instruction) for ex in examples])
+    index = [i for i in range(len(examples)) for _ in range(k)]  # every solution of each prompt
+    prompts = chat_prompts(tok, [student_messages(examples[i].question, examples[i].instruction) for i in index])
     responses, finished = [], []
     for ex in examples:
-        t = targets[_example_key(ex)]
-        ids = tok.encode(t.text, add_special_tokens=False)
-        done = t.finished and len(ids) < cap  # cut at the cap (in student tokens): no EOS after a cut
-        responses.append(ids[:cap] + ([tok.eos_token_id] if done else []))
-        finished.append(done)
+        for key in _target_keys(ex, k):
+            t = targets[key]
+            ids = tok.encode(t.text, add_special_tokens=False)
+            done = t.finished and len(ids) < cap  # cut at the cap (in student tokens): no EOS after a cut
+            responses.append(ids[:cap] + ([tok.eos_token_id] if done else []))
+            finished.append(done)
     batch = pack(tok, prompts, responses, tok.pad_token_id)
-    return Rollouts(
-        batch=batch, example_index=list(range(len(examples))), lengths=[len(r) for r in responses], finished=finished
-    )
+    return Rollouts(batch=batch, example_index=index, lengths=[len(r) for r in responses], finished=finished)
 
 
 def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> StepSignal:
     targets: dict[str, SFTTarget] = state.extras["sft_targets"]
-    used = [targets[_example_key(ex)] for ex in examples]
+    used = [targets[key] for ex in examples for key in _target_keys(ex, state.cfg.sft.solutions_per_prompt)]
     from_teacher = state.cfg.sft.source == "teacher"
     n = len(rollouts.lengths)
     return StepSignal(
@@ -221,7 +240,9 @@ def teacher_role(cfg: RunConfig) -> TeacherRole | None:
 
 
 def labels(cfg: RunConfig) -> list[str]:
-    return [f"sft on {cfg.sft.source} solutions"]
+    k = cfg.sft.solutions_per_prompt
+    many = f", {k} per prompt at temperature {cfg.sft.temperature:g}" if k > 1 else ""
+    return [f"sft on {cfg.sft.source} solutions{many}"]
 
 
 SFT = Method(
