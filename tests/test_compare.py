@@ -516,3 +516,21 @@ def test_a_second_stage_starts_from_an_earlier_arms_final_weights(tiny_model_dir
     saved_sft = out / "runs" / "sft" / "config.yaml"
     saved_sft.write_text(saved_sft.read_text().replace("lr: ", "lr: 3", 1))
     assert not arm_finished(stage)
+
+
+def test_every_arm_is_also_paired_with_the_control_arm():
+    from omniopd.compare import _control_diffs
+
+    def row(name, correct):
+        return {"name": name, "measures": {"benchmarks": {"humaneval": {"correct": correct}}}}
+
+    rows = [row("base", [0, 0, 0, 0]), row("sft-sft", [1, 0, 0, 0]), row("sft-omniopd", [1, 1, 1, 0])]
+    _control_diffs(rows, "sft-sft")
+    d = rows[2]["diffs_control"]["humaneval"]
+    # d = [0, 1, 1, 0]: mean 1/2, sample sd sqrt(1/3), half-width 1.96 * sqrt(1/3) / 2
+    assert d["value"] == pytest.approx(0.5) and d["n"] == 4
+    assert d["hi"] - d["value"] == pytest.approx(1.959964 * (1 / 3) ** 0.5 / 2, rel=1e-5)
+    assert rows[0]["diffs_control"]["humaneval"]["value"] == pytest.approx(-0.25)
+    assert "diffs_control" not in rows[1]
+    with pytest.raises(ConfigError, match="compare.control: no variant named 'nope'"):
+        build_config({"compare": {"control": "nope", "variants": [{"name": "base", "method": "base"}]}})

@@ -315,6 +315,9 @@ class CompareConfig(_Section):
     # benchmarks every arm is measured on (math sets, or the code sets humaneval / mbppplus); empty: [eval.data].
     # The first one's measures also fill the top-level columns; the reverse KL is on eval.data whatever this says.
     benchmarks: list[str] = Field(default_factory=list)
+    # a second reference arm (the fair control of a second stage, e.g. sft-sft): every arm also gets its paired
+    # difference to it, per benchmark; None: only the difference to base
+    control: str | None = None
     kl_rollouts: int = Field(32, ge=0)  # held-out base-student rollouts for the reverse KL to the teacher; 0: skip
     loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
     signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
@@ -325,6 +328,9 @@ class CompareConfig(_Section):
 
     @model_validator(mode="after")
     def _check_benchmarks(self) -> "CompareConfig":
+        names = [v.name for v in self.variants]
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"compare.control: no variant named {self.control!r} ({', '.join(names) or 'none'})")
         if any(not b.strip() for b in self.benchmarks):
             raise ValueError("compare.benchmarks: a benchmark name is empty")
         dup = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})

@@ -181,6 +181,7 @@ def run_compare(
         if is_base(v) and row["measures"]:
             base_measures = row["measures"]
         _diffs(rows, base_measures, judge.benchmarks[0])
+        _control_diffs(rows, cfg.compare.control)
         write_tables(out, cfg, rows, signal, signal_error, judge)  # after every arm: a killed run keeps what it had
     plot_note = write_plot(out, rows, judge)
     write_tables(out, cfg, rows, signal, signal_error, judge)
@@ -195,6 +196,23 @@ def run_compare(
         "plot_note": plot_note,
     }
     return result
+
+
+def _control_diffs(rows: list[dict], control: str | None) -> None:
+    """Per benchmark, each arm's paired difference to the ``control`` arm (``diffs_control``), once it is measured."""
+    from omniopd.measures import paired_difference
+
+    ref = next((r for r in rows if r["name"] == control), None)
+    ref_b = ((ref or {}).get("measures") or {}).get("benchmarks") or {}
+    for r in rows:
+        m = (r.get("measures") or {}).get("benchmarks") or {}
+        if r["name"] == control or not ref_b:
+            continue
+        r["diffs_control"] = {
+            b: paired_difference(x["correct"], ref_b[b]["correct"])
+            for b, x in m.items()
+            if b in ref_b and len(ref_b[b]["correct"]) == len(x["correct"])
+        }
 
 
 def _diffs(rows: list[dict], base_measures: dict | None, first: str | None = None) -> None:

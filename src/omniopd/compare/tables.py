@@ -156,6 +156,20 @@ def write_tables(
             f"{num(r['rollout_temperature'], '{:g}')} | {num(r['steps'], '{:d}')} | {accs} | {num(r.get('teacher_tokens'))} | "
             f"{num(r.get('teacher_requests'))} | {num(r.get('train_wall_s'), '{:.0f} s')} | {num(m.get('eval_wall_s'), '{:.0f} s')} |"
         )
+    control = cfg.compare.control
+    if control is not None:
+        L += [
+            "",
+            f"## Paired differences against `{control}`, points [95% CI]",
+            "",
+            "| variant | " + " | ".join(f"{prefix[b] or b + ' '}Δ vs {control}" for b in benches) + " |",
+            "|---" * (len(benches) + 1) + "|",
+        ]
+        for r in rows:
+            if r["name"] == control:
+                continue
+            cells = [_fmt((r.get("diffs_control") or {}).get(b), pct=True) for b in benches]
+            L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     for b in benches:
         ms = judge.measures_for(b)
         L += [
