@@ -30,6 +30,7 @@ CODE_MEASURES = [  # the same for the code benchmarks (base_accuracy: MBPP+ only
     ("base_accuracy", "MBPP base tests pass@1", "share"),
     ("valid_syntax", "valid Python", "share"),
     ("defines_entry_point", "defines entry point", "share"),
+    ("loops", "loops", "share"),
     ("length_limit", "hit length limit", "share"),
     ("mean_length", "mean length (tokens)", "mean"),
 ]
@@ -360,12 +361,14 @@ class Judge:
                 [defines_entry_point(r.get("code") or "", entry[r["id"]]) for r in records]
             )
         else:
-            from omniopd.measures import answered_and_stopped, is_short, loops
+            from omniopd.measures import answered_and_stopped, is_short
 
             m["final_answer"] = _final_answer_share(records)
             m["answered_stopped"] = share([answered_and_stopped(r["output"], r["finished"]) for r in records])
-            m["loops"] = share([loops(r["output"]) for r in records])
             m["very_short"] = share([is_short(r["tokens"]) for r in records])
+        from omniopd.measures import loops
+
+        m["loops"] = share([loops(r["output"]) for r in records])
         m["length_limit"] = share([not r["finished"] for r in records])
         m["mean_length"] = ratio_bootstrap([r["tokens"] for r in records], [1.0] * len(records), samples=B)
         with torch.no_grad():

@@ -25,6 +25,8 @@ vocabulary and output head must be the student's (:func:`check_white_box_teacher
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from omniopd.alignment import SequenceBatch, response_hidden
@@ -34,6 +36,7 @@ from omniopd.core.baselines import OPDFullInputs, OPDSampledInputs, opd_full_los
 from omniopd.core.spans import Span, common_spans, span_advantages, token_ends
 from omniopd.data import Example
 from omniopd.errors import ConfigError
+from omniopd.measures import loops
 from omniopd.methods.base import (
     Method,
     StepSignal,
@@ -135,7 +138,13 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     else:
         teacher_ids, spans, extra = cross_tokenizer_alignment(state.tokenizer, state.teacher, student_ids)
         tbatch = teacher_scoring_batch(state.teacher, traj_examples, teacher_ids)
-    metrics = {"teacher/tokens": float(tbatch.attention_mask.sum()), "teacher/requests": float(len(traj_examples))}
+    metrics = {
+        "teacher/tokens": float(tbatch.attention_mask.sum()),
+        "teacher/requests": float(len(traj_examples)),
+        # what on-policy distillation is known to suffer from: answers that repeat themselves (a periodic tail)
+        "opd/loop_frac": sum(loops(state.tokenizer.decode(ids, skip_special_tokens=True)) for ids in student_ids)
+        / max(len(student_ids), 1),
+    }
     return StepSignal(metrics={**metrics, **extra}, teacher_batch=tbatch, spans=spans)
 
 
@@ -185,16 +194,22 @@ def cross_tokenizer_alignment(
     return teacher_ids, spans, metrics
 
 
-def _opd_terms(cfg: RunConfig, model, teacher_model, sub: SequenceBatch, tsub: SequenceBatch) -> tuple:
+def _opd_terms(
+    cfg: RunConfig, model, teacher_model, sub: SequenceBatch, tsub: SequenceBatch, clock: dict[str, float]
+) -> tuple:
     """``sampled``: (log p(y_t), log q(y_t)); ``full``: (KL(p || q) per token,); each (B, T). Run inside the
-    student's forward (``sharding.in_forward``)."""
+    student's forward (``sharding.in_forward``); the teacher's forward seconds are added to ``clock["teacher"]``."""
     hidden, head = response_hidden(model, sub)
+    t0 = time.perf_counter()
     with torch.no_grad():
         t_hidden, t_head = response_hidden(teacher_model, tsub)
+    clock["teacher"] += time.perf_counter() - t0
     if cfg.opd.estimator == "sampled":
         logp = token_stats(hidden, head, sub.response_ids, slice_size=cfg.loss.slice_size).logprobs
+        t0 = time.perf_counter()
         with torch.no_grad():
             t_logp = token_stats(t_hidden, t_head, tsub.response_ids, slice_size=cfg.loss.slice_size).logprobs
+        clock["teacher"] += time.perf_counter() - t0
         return logp, t_logp
     return (reverse_kl_sliced(hidden, head, t_hidden, t_head, slice_size=cfg.loss.slice_size),)
 
@@ -209,6 +224,8 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
     teacher_model, teacher_batch = state.teacher.model, signal.teacher_batch
     B = batch.response_ids.shape[0]
     loss_sum = kl_tok_sum = n_tok = 0.0
+    clock = {"teacher": 0.0}
+    advantages: list[torch.Tensor] = []  # sampled: every response token's advantage log q - log p
     for idx, sub in micro_batches(state, batch):
         tsub = teacher_batch.select(idx).to(device)
         if signal.spans is None:
@@ -217,11 +234,13 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
             )
             if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
                 raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
-        terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub)
+        terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub, clock)
         if cfg.opd.estimator == "sampled":
             logp, t_logp = terms
             if signal.spans is not None:  # another tokenizer: each student token's advantage is its span's
                 t_logp = _span_teacher_logprobs(logp, t_logp, sub, tsub, [signal.spans[i] for i in idx])
+            mask = sub.response_mask.bool()
+            advantages.append((t_logp.detach() - logp.detach())[mask].float().cpu())
             inputs = OPDSampledInputs(student_logprobs=logp, teacher_logprobs=t_logp, response_mask=sub.response_mask)
             out = opd_sampled_loss(inputs, normalizer=float(B))
         else:
@@ -232,7 +251,17 @@ def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dic
         loss_sum += out.metrics["loss/opd"]
         kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]
         n_tok += out.metrics["tokens/response"]
-    return {"loss/total": loss_sum, "loss/opd": loss_sum, "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0)}
+    out = {
+        "loss/total": loss_sum,
+        "loss/opd": loss_sum,
+        "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0),
+        "time/teacher_forward_s": clock["teacher"],
+    }
+    if advantages:  # the spread the update sees (another tokenizer: each token carries its span's log-ratio)
+        a = torch.cat(advantages)
+        out["opd/advantage_mean"] = float(a.mean()) if a.numel() else 0.0
+        out["opd/advantage_std"] = float(a.std()) if a.numel() > 1 else 0.0
+    return out
 
 
 def _span_teacher_logprobs(
