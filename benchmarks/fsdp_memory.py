@@ -63,7 +63,7 @@ def worker(recipe: str, strategy: str, out_dir: str, result_path: str, overrides
     from omniopd.config import load_config
     from omniopd.distributed import rank_slice
     from omniopd.methods import METHODS
-    from omniopd.trainer import optimizer_phase, setup
+    from omniopd.trainer import backward_phase, optimizer_phase, setup
 
     cfg = load_config(recipe, [f"output_dir={out_dir}", "max_steps=1", "method=sft", "sft.source=reference",
                                "eval.before=false", "eval.after=false", f"distributed.strategy={strategy}", *overrides])
@@ -75,7 +75,7 @@ def worker(recipe: str, strategy: str, out_dir: str, result_path: str, overrides
     method = METHODS[cfg.method]
     examples = rank_slice(state.stream.next_batch(), acc.process_index, acc.num_processes)
     rollouts = method.sample(state, examples)
-    method.backward(state, rollouts.batch, method.audit(state, rollouts, examples))
+    backward_phase(state, method, rollouts.batch, method.audit(state, rollouts, examples))
     model = acc.unwrap_model(state.model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = _local_bytes(p.grad for p in trainable if p.grad is not None)

@@ -9,20 +9,52 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from omniopd.core.baselines import (
-    GRPOInputs,
-    OPDFullInputs,
-    OPDSampledInputs,
-    SFTLossInputs,
-    centered_targets,
-    group_advantages,
-    grpo_loss,
-    opd_full_loss,
-    opd_sampled_loss,
-    reverse_kl_sliced,
-    sft_loss,
-)
-from omniopd.core.token_stats import token_stats
+from omniopd.core.advantages import group_advantages
+from omniopd.core.losses import LOSSES, LossInputs, get_loss, grpo_loss, opd_full_loss, opd_sampled_loss, sft_loss
+from omniopd.core.target import centered_targets
+from omniopd.core.token_stats import reverse_kl_sliced, token_stats
+
+
+# every loss takes one LossInputs; these build the ones each baseline fills
+def SFTLossInputs(student_logprobs, target_mask):
+    return LossInputs(logprobs=student_logprobs, response_mask=target_mask, ce_mask=target_mask)
+
+
+def OPDSampledInputs(student_logprobs, teacher_logprobs, response_mask):
+    # the advantage log q - log p, detached (the method computes it from the teacher's scores)
+    adv = teacher_logprobs.detach() - student_logprobs.detach()
+    return LossInputs(logprobs=student_logprobs, response_mask=response_mask, advantages=adv)
+
+
+def OPDFullInputs(reverse_kl, response_mask):
+    return LossInputs(response_mask=response_mask, kl=reverse_kl)
+
+
+def GRPOInputs(student_logprobs, old_logprobs, advantages, response_mask, ref_kl=None):
+    return LossInputs(
+        logprobs=student_logprobs, response_mask=response_mask, advantages=advantages, old_logprobs=old_logprobs,
+        kl=ref_kl,
+    )
+
+
+def test_every_loss_is_registered_once_by_name():
+    assert sorted(LOSSES) == ["grpo", "omniopd", "opd_full", "opd_sampled", "sft"]
+    assert get_loss("sft").fn is sft_loss and get_loss("grpo").fn is grpo_loss
+    with pytest.raises(KeyError, match="unknown loss 'nope': registered are grpo, omniopd"):
+        get_loss("nope")
+    with pytest.raises(ValueError, match="loss 'opd_sampled' needs LossInputs.advantages"):
+        opd_sampled_loss(LossInputs(logprobs=torch.zeros(1, 1), response_mask=torch.ones(1, 1, dtype=torch.bool)), 1.0)
+
+
+def test_finish_turns_micro_batch_sums_into_the_logged_metrics():
+    # two micro-batches of SFT: nll 3 over 2 tokens and 1 over 2 tokens; normaliser 4 sequences
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    outs = [sft_loss(SFTLossInputs(torch.tensor([[-1.0, -2.0]]), mask), 4.0),
+            sft_loss(SFTLossInputs(torch.tensor([[-0.5, -0.5]]), mask), 4.0)]
+    sums = {k: sum(o.sums[k] for o in outs) for k in outs[0].sums}
+    m = get_loss("sft").finish(sums, 4.0)
+    assert m["loss/sft"] == pytest.approx(4.0 / 4) and m["loss/total"] == m["loss/sft"]
+    assert m["sft/nll_per_token"] == pytest.approx(4.0 / 4) and m["sft/target_tokens"] == 4.0
 
 
 def _identity_head(h):
@@ -244,7 +276,7 @@ def test_grpo_reference_kl_padding_and_validation():
     out.loss.backward()
     assert logp.grad.tolist() == [[-2.0, 0.0]] and ref_kl.grad.tolist() == [[0.5, 0.0]]
     assert out.metrics["grpo/ref_kl_mean"] == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="ref_kl"):
+    with pytest.raises(ValueError, match="kl_coef > 0 needs LossInputs.kl"):
         grpo_loss(GRPOInputs(logp, old, torch.tensor([2.0]), mask), 1.0, kl_coef=0.1)
 
 

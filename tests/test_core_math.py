@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from omniopd.core import (
-    OmniOPDLossInputs,
+    LossInputs,
     chunk_prior_mean,
     dm_target,
     k_sem,
     ned,
-    omniopd_loss,
     rouge1,
     select_peak_entropy,
     token_stats,
     token_weights_from_chunks,
 )
+from omniopd.core.losses import omniopd_loss
 from omniopd.core.scheduler import select_random, select_uniform
 
 # ---------------------------------------------------------------- scheduler
@@ -199,14 +199,14 @@ def test_no_gradient_reaches_the_reference():
 
 def _loss_inputs(logp, kl, rmask, starts, targets, C):
     w, m = token_weights_from_chunks(starts, targets, C, logp.shape[1])
-    return OmniOPDLossInputs(student_logprobs=logp, kl_ref_to_student=kl, response_mask=rmask, chunk_weights=w, chunk_mask=m)
+    return LossInputs(logprobs=logp, kl=kl, response_mask=rmask, ce_weights=w, ce_mask=m)
 
 
 def test_loss_hand_computed():
     logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], requires_grad=True)
     kl = torch.tensor([[0.5, 0.5, 0.25, 9.0]], requires_grad=True)
     rmask = torch.tensor([[True, True, True, False]])  # last position is padding
-    out = omniopd_loss(_loss_inputs(logp, kl, rmask, [[0]], [[0.5]], C=2), kl_anchor_coef=0.1, normalizer=2.0)
+    out = omniopd_loss(_loss_inputs(logp, kl, rmask, [[0]], [[0.5]], C=2), normalizer=2.0, kl_anchor_coef=0.1)
     # chunk covers t=0,1 with weight .5: -.5*(-1-2) = 1.5; unaudited real token t=2: .1 * .25; / 2
     assert out.loss.item() == pytest.approx((1.5 + 0.025) / 2)
     out.loss.backward()
@@ -218,7 +218,7 @@ def test_loss_hand_computed():
 def test_loss_ignores_minus_inf_on_padding():
     logp = torch.tensor([[-1.0, float("-inf")]], requires_grad=True)
     kl = torch.tensor([[0.1, float("nan")]], requires_grad=True)
-    out = omniopd_loss(_loss_inputs(logp, kl, torch.tensor([[True, False]]), [[]], [[]], C=1), 0.1, 1.0)
+    out = omniopd_loss(_loss_inputs(logp, kl, torch.tensor([[True, False]]), [[]], [[]], C=1), 1.0, kl_anchor_coef=0.1)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all() and torch.isfinite(kl.grad).all()
 
@@ -226,7 +226,7 @@ def test_loss_ignores_minus_inf_on_padding():
 def test_audit_free_batch_still_backpropagates_through_the_kl():
     logp = torch.zeros(1, 3, requires_grad=True)
     kl = torch.ones(1, 3, requires_grad=True)
-    out = omniopd_loss(_loss_inputs(logp, kl, torch.ones(1, 3, dtype=torch.bool), [[]], [[]], C=2), 0.1, 1.0)
+    out = omniopd_loss(_loss_inputs(logp, kl, torch.ones(1, 3, dtype=torch.bool), [[]], [[]], C=2), 1.0, kl_anchor_coef=0.1)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(0.3)
     assert kl.grad.abs().sum() > 0 and logp.grad.abs().sum() == 0
@@ -235,7 +235,7 @@ def test_audit_free_batch_still_backpropagates_through_the_kl():
 def test_all_masked_batch_gives_a_finite_zero_gradient():
     logp = torch.randn(2, 3, requires_grad=True)
     kl = torch.rand(2, 3, requires_grad=True)
-    out = omniopd_loss(_loss_inputs(logp, kl, torch.zeros(2, 3, dtype=torch.bool), [[], []], [[], []], C=2), 0.1, 2.0)
+    out = omniopd_loss(_loss_inputs(logp, kl, torch.zeros(2, 3, dtype=torch.bool), [[], []], [[], []], C=2), 2.0, kl_anchor_coef=0.1)
     out.loss.backward()
     assert out.loss.item() == 0.0 and logp.grad.abs().sum() == 0 and kl.grad.abs().sum() == 0
 
@@ -243,8 +243,11 @@ def test_all_masked_batch_gives_a_finite_zero_gradient():
 def test_target_weight_does_not_carry_gradient():
     w = torch.tensor([[0.5, 0.5]], requires_grad=True)
     logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
-    inputs = OmniOPDLossInputs(logp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), w, torch.ones(1, 2, dtype=torch.bool))
-    omniopd_loss(inputs, 0.1, 1.0).loss.backward()
+    inputs = LossInputs(
+        logprobs=logp, kl=torch.zeros(1, 2), response_mask=torch.ones(1, 2, dtype=torch.bool), ce_weights=w,
+        ce_mask=torch.ones(1, 2, dtype=torch.bool),
+    )
+    omniopd_loss(inputs, 1.0, kl_anchor_coef=0.1).loss.backward()
     assert w.grad is None
 
 
@@ -253,9 +256,9 @@ def test_micro_batches_sum_to_the_full_batch_loss():
     logp, kl = torch.randn(4, 6), torch.rand(4, 6)
     rmask = torch.ones(4, 6, dtype=torch.bool)
     starts, targets = [[0], [2], [], [3]], [[0.3], [0.7], [], [0.1]]
-    full = omniopd_loss(_loss_inputs(logp, kl, rmask, starts, targets, 3), 0.1, 4.0).loss
+    full = omniopd_loss(_loss_inputs(logp, kl, rmask, starts, targets, 3), 4.0, kl_anchor_coef=0.1).loss
     halves = sum(
-        omniopd_loss(_loss_inputs(logp[i : i + 2], kl[i : i + 2], rmask[i : i + 2], starts[i : i + 2], targets[i : i + 2], 3), 0.1, 4.0).loss
+        omniopd_loss(_loss_inputs(logp[i : i + 2], kl[i : i + 2], rmask[i : i + 2], starts[i : i + 2], targets[i : i + 2], 3), 4.0, kl_anchor_coef=0.1).loss
         for i in (0, 2)
     )
     assert full.item() == pytest.approx(halves.item())

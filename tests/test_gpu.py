@@ -39,7 +39,7 @@ def _sft_loss_and_grads(cfg, *, cpu: bool, monkeypatch) -> tuple[float, dict[str
     method = trainer.METHODS["sft"]
     examples = state.stream.next_batch()
     rollouts = method.sample(state, examples)
-    metrics = method.backward(state, rollouts.batch, method.audit(state, rollouts, examples))
+    metrics = trainer.backward_phase(state, method, rollouts.batch, method.audit(state, rollouts, examples))
     model = state.accelerator.unwrap_model(state.model)
     assert next(model.parameters()).device.type == ("cpu" if cpu else "cuda")
     return metrics["loss/total"], {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}

@@ -89,6 +89,7 @@ class _Recorder:
         self.trained: list[tuple[int, int, float]] = []  # (state.step, id(batch), weights) at backward
         self.interrupt_at = interrupt_at
         self.kept: list = []  # every sampled batch stays alive, so no two share an id()
+        self._batch_of: dict[int, tuple] = {}  # id(audit result) -> (that result, kept alive; its batch)
         self.base = METHODS["omniopd"]
 
     def method(self):
@@ -108,13 +109,19 @@ class _Recorder:
             self.audits.append((threading.current_thread().name, t0, time.perf_counter()))
             return out
 
-        def backward(state, batch, signal):
+        def loss_inputs(state, idx, sub, signal):
             if self.interrupt_at is not None and state.step + 1 == self.interrupt_at:
                 raise _Interrupted(f"interrupted in step {self.interrupt_at}")
-            self.trained.append((state.step, id(batch), _fingerprint(state)))
-            return base.backward(state, batch, signal)
+            if idx[0] == 0:  # the step's first micro-batch: its batch is the one sampled for it
+                self.trained.append((state.step, id(self._batch_of[id(signal)][1]), _fingerprint(state)))
+            return base.loss_inputs(state, idx, sub, signal)
 
-        return dataclasses.replace(base, sample=sample, audit=audit, backward=backward)
+        def audit_keep(state, rollouts, examples):
+            out = audit(state, rollouts, examples)
+            self._batch_of[id(out)] = (out, rollouts.batch)
+            return out
+
+        return dataclasses.replace(base, sample=sample, audit=audit_keep, loss_inputs=loss_inputs)
 
 
 class _Interrupted(Exception):

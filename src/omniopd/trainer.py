@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from omniopd.alignment import SequenceBatch
 from omniopd.checkpoint import (
     config_differences,
     list_checkpoints,
@@ -50,9 +51,11 @@ from omniopd.checkpoint import (
     save_sharded_checkpoint,
 )
 from omniopd.config import RunConfig, dump_config
+from omniopd.core.losses import get_loss
 from omniopd.data import Example, PromptStream, load_train_examples
 from omniopd.errors import ConfigError, OmniOPDError, TeacherError
-from omniopd.methods import METHODS, NoTeacher, TrainState
+from omniopd.methods import METHODS, Method, NoTeacher, TrainState
+from omniopd.methods.base import Signal, micro_batches
 from omniopd.models import load_model
 from omniopd.pipeline import check as check_pipeline
 from omniopd.pipeline import make_pipeline
@@ -370,6 +373,28 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def backward_phase(state: TrainState, method: Method, batch: SequenceBatch, signal: Signal) -> dict[str, float]:
+    """The one backward pass of every method: per micro-batch, the method's per-token signals, its registered
+    loss over the step's number of sequences (a constant normaliser), and the backward; the losses' sums over
+    micro-batches become the logged metrics, with the method's own (``LossInputs.extra``)."""
+    skipped = method.skip_update(state, signal)
+    if skipped is not None:
+        return skipped
+    name, options = method.loss(state.cfg)
+    loss = get_loss(name)
+    normalizer = float(batch.response_ids.shape[0])
+    sums: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    for idx, sub in micro_batches(state, batch):
+        inputs = method.loss_inputs(state, idx, sub, signal)
+        out = loss(inputs, normalizer, **options)
+        state.accelerator.backward(out.loss)
+        for totals, values in ((sums, out.sums), (extra, inputs.extra)):
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v
+    return {**loss.finish(sums, normalizer, **options), **extra}
+
+
 def train_step(state: TrainState) -> dict[str, float]:
     t_step = time.perf_counter()
     method = METHODS[state.cfg.method]
@@ -380,7 +405,7 @@ def train_step(state: TrainState) -> dict[str, float]:
     rollouts = sampled.rollouts
     signal = state.pipeline.audit(state, method, sampled)
     t0 = time.perf_counter()
-    loss_metrics = method.backward(state, rollouts.batch, signal)
+    loss_metrics = backward_phase(state, method, rollouts.batch, signal)
     synchronize(acc.device)
     t_loss = time.perf_counter() - t0
     t0 = time.perf_counter()

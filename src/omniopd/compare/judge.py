@@ -403,7 +403,7 @@ class Judge:
 
     def _reverse_kl(self, model, tok) -> dict:
         from omniopd.alignment import response_hidden
-        from omniopd.core.baselines import reverse_kl_sliced
+        from omniopd.core.token_stats import reverse_kl_sliced
         from omniopd.measures import ratio_bootstrap
         from omniopd.models import load_model
         from omniopd.prompts import student_messages

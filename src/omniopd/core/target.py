@@ -5,13 +5,16 @@ the student's geometric-mean chunk probability used as the prior mean. alpha (``
 is the pseudo-count of the prior: alpha = 0 gives the raw agreement rate k_sem / N, alpha -> inf
 gives p_bar. The target is a constant multiplier in the loss, so it is always returned detached.
 
-The second half holds the stopping rule of adaptive N (a departure, ``audit.adaptive_n``): the central
+``centered_targets`` is a departure (ALGORITHM.md "Departures we test"): pi_hat minus the batch mean.
+
+The second part holds the stopping rule of adaptive N (a departure, ``audit.adaptive_n``): the central
 95% interval of the chunk's Beta posterior, computed exactly (see below).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -150,3 +153,17 @@ def posterior_settled(
     if n >= max_samples:
         return True
     return posterior_width(k, n, prior_mean, prior_strength, mass) < width
+
+
+def centered_targets(targets: Sequence[float] | Tensor) -> Tensor:
+    """pi_hat - mean(pi_hat) over the batch's chunks, flat (num_chunks,), detached.
+
+    Departure ("Centred target", ALGORITHM.md "Departures we test"; off by default, label the run):
+    the weight becomes a chunk-level advantage that can be negative, so chunks the teacher agrees with
+    less than average are pushed down instead of everything being sharpened. A single chunk (or none)
+    carries no relative signal and gives zeros (or an empty tensor), never NaN from an empty mean.
+    """
+    t = torch.as_tensor(targets, dtype=torch.float32).detach().reshape(-1)
+    if t.numel() <= 1:
+        return torch.zeros_like(t)
+    return t - t.mean()

@@ -7,6 +7,9 @@ logits are only ever built for ``slice_size`` positions at a time from the final
 each slice is wrapped in activation checkpointing: the backward pass recomputes that slice's logits
 instead of keeping them, so no (B, T, V) tensor exists in the forward or the backward.
 
+``reverse_kl_sliced`` is the same computation against a second model's hidden states: the exact per-position
+KL(p_theta || q) to a teacher (white-box OPD, ``opd.estimator=full``) or to the reference (GRPO's optional KL).
+
 Logits are cast to fp32 before the softmax whatever the model's dtype (fidelity rule: fp32 entropy).
 
 Alignment convention: ``hidden[:, t]`` is the state that *produced* ``labels[:, t]`` (the caller
@@ -88,3 +91,56 @@ def token_stats(
         entropy=torch.cat(ents, dim=1) if want_entropy else None,
         kl_ref_to_student=torch.cat(kls, dim=1) if ref_hidden is not None else None,
     )
+
+
+def _slice_reverse_kl(
+    hidden: Tensor,  # (B, S, D) student
+    teacher_hidden: Tensor,  # (B, S, D_T) teacher, no grad
+    head: Head,
+    teacher_head: Head,
+) -> Tensor:
+    logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, S, V) fp32
+    with torch.no_grad():  # the teacher is frozen: no gradient reaches it
+        logq = F.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)  # (B, S, V) fp32
+    if logq.shape[-1] != logp.shape[-1]:
+        raise ValueError(
+            f"teacher vocabulary {logq.shape[-1]} != student vocabulary {logp.shape[-1]}: "
+            "white-box OPD needs the same tokenizer and an unpadded, identical head size"
+        )
+    # KL(p || q) = sum_v p (log p - log q): the expectation is under the student, so the gradient
+    # flows through both p and log p (unlike the anchor KL, whose expectation is under the reference).
+    return (logp.exp() * (logp - logq)).sum(-1)  # (B, S)
+
+
+def reverse_kl_sliced(
+    hidden: Tensor,  # (B, T, D) student hidden states, [:, t] produced response token t
+    head: Head,
+    teacher_hidden: Tensor,  # (B, T, D_T) teacher hidden states, aligned the same way
+    teacher_head: Head,
+    *,
+    slice_size: int = 128,
+    use_checkpoint: bool = True,
+) -> Tensor:
+    """Per-position KL(p_student || q_teacher) in nats, (B, T), ``slice_size`` positions at a time.
+
+    Same slicing and activation checkpointing as ``token_stats``: logits exist for one slice at a time
+    and are recomputed in the backward, so no (B, T, V) tensor is held; fp32 softmax.
+    """
+    if slice_size <= 0:
+        raise ValueError(f"slice_size must be > 0, got {slice_size}")
+    if hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(
+            f"student {tuple(hidden.shape[:2])} and teacher {tuple(teacher_hidden.shape[:2])} positions differ"
+        )
+    T = hidden.shape[1]
+    kls = []
+    for s in range(0, T, slice_size):
+        e = min(T, s + slice_size)
+        args = (hidden[:, s:e], teacher_hidden[:, s:e])
+        if use_checkpoint and torch.is_grad_enabled() and hidden.requires_grad:
+            kls.append(checkpoint(_slice_reverse_kl, *args, head, teacher_head, use_reentrant=False))
+        else:
+            kls.append(_slice_reverse_kl(*args, head, teacher_head))
+    if not kls:  # T == 0
+        return hidden.new_zeros(hidden.shape[0], 0, dtype=torch.float32)
+    return torch.cat(kls, dim=1)

@@ -1,10 +1,11 @@
 """The training methods, as equals: the paper's OmniOPD and the baselines SFT, white-box OPD and GRPO
 (ALGORITHM.md "Baselines"), each a :class:`~omniopd.methods.base.Method` in :data:`METHODS`.
 
-Every method runs through the trainer's one loop, ``sample -> audit -> backward -> step -> accumulate ->
-log``, with the same prompt stream, optimizer, logging and evaluation; each fills every slot itself
-(``omniopd.py``, ``sft.py``, ``opd.py``, ``grpo.py``; what they share is in ``base.py``). The loss math
-is ``core`` / ``core.baselines`` (pure functions, tested against exact values).
+Every method runs through the trainer's one loop, ``sample -> audit -> per micro-batch: loss_inputs -> loss
+-> backward -> step -> accumulate -> log``, with the same prompt stream, optimizer, normaliser, logging and
+evaluation; a method is one file (``omniopd.py``, ``sft.py``, ``opd.py``, ``grpo.py``; what they share is in
+``base.py``) that turns a micro-batch into per-token signals (``core.losses.LossInputs``) and names a loss
+registered in ``core.losses`` (pure functions, tested against exact values).
 
 Metric keys are shared where they apply: ``loss/total`` for all, ``rollout/*`` for on-policy methods
 only (SFT logs ``sft/*`` about its targets instead), ``teacher/tokens`` and ``teacher/requests`` for the

@@ -3,9 +3,10 @@ step reads and updates, and the pieces more than one method uses (on-policy samp
 
 The loop is the same for every method (``trainer.train_step``)::
 
-    examples -> method.sample -> method.audit -> method.backward -> optimizer -> method.accumulate -> log
+    examples -> method.sample -> method.audit -> per micro-batch: method.loss_inputs -> the registered loss
+    (method.loss) -> backward -> optimizer -> method.accumulate -> log
 
-and every slot of a :class:`Method` is filled explicitly by each method (``omniopd``, ``sft``, ``opd``,
+and the required slots of a :class:`Method` are filled by each method (``omniopd``, ``sft``, ``opd``,
 ``grpo``; the registry is ``omniopd.methods.METHODS``), so neither the trainer nor ``omniopd compare``
 tests a method's name. The step's pipeline (``TrainState.pipeline``, ``omniopd.pipeline``) calls the
 ``sample`` and ``audit`` slots: one after the other (the default), or with ``pipeline.mode: one_step`` the
@@ -18,12 +19,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Literal, Protocol, TypeVar
 
 import torch
 
 from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
+from omniopd.core.losses import LossInputs
 from omniopd.data import Example, PromptStream
 from omniopd.errors import TeacherError
 from omniopd.prompts import student_messages
@@ -146,29 +148,63 @@ class StepSignal:
     spans: list | None = None  # opd with another tokenizer: per response its spans (core.spans.Span), or None
 
 
-SampleFn = Callable[[TrainState, list[Example]], Rollouts]
-AuditFn = Callable[[TrainState, Rollouts, list[Example]], Any]  # -> an object with .metrics and .records
-BackwardFn = Callable[[TrainState, SequenceBatch, Any], dict[str, float]]
-PrepareFn = Callable[[TrainState], None]
+class Signal(Protocol):
+    """What an audit slot returns: ``metrics`` (logged) and ``records`` (appended to ``audits.jsonl``), plus
+    whatever the method's ``loss_inputs`` reads (``StepSignal``; OmniOPD's ``audit.AuditResult``)."""
+
+    metrics: dict[str, float]
+    records: list[dict]
+
+
+S = TypeVar("S", bound=Signal)
+LossSpec = tuple[str, dict[str, Any]]  # a registered loss (``core.losses.LOSSES``) and its options
+
+
+def _no_prepare(state: TrainState) -> None:
+    pass
+
+
+def _no_departures(cfg: RunConfig) -> list[str]:
+    return []
+
+
+def _applicable(cfg: RunConfig) -> str | None:
+    return None
+
+
+def _no_totals(totals: dict[str, float], metrics: dict[str, float]) -> None:
+    pass
+
+
+def _always_update(state: TrainState, signal: Any) -> dict[str, float] | None:
+    return None
 
 
 @dataclass(frozen=True)
-class Method:
-    """One training method: what it puts in each slot of the trainer's loop, and what it tells the
-    trainer's setup and ``omniopd compare`` about itself. No slot has a default."""
+class Method(Generic[S]):
+    """One training method: what it puts in each slot of the trainer's loop, and what it tells the trainer's
+    setup and ``omniopd compare`` about itself. The first seven slots are required; the rest default to
+    "nothing to add". The trainer owns the micro-batch loop, the normaliser (sequences in the step) and the
+    backward pass (``trainer.backward_phase``); a method turns each micro-batch into per-token signals."""
 
     name: str
-    sample: SampleFn  # the step's training sequences (on-policy: the student's own samples)
-    audit: AuditFn  # the learning signal of those sequences (metrics, audit records, targets); pipelined
-    # (pipeline.mode: one_step), it runs in a worker thread on a snapshot of the state while the next batch is sampled
-    backward: BackwardFn  # loss and backward over micro-batches -> loss metrics
-    prepare: PrepareFn  # at setup, after the teacher is built: checks and one-off work
+    sample: Callable[[TrainState, list[Example]], Rollouts]  # the step's sequences (on-policy: the student's own)
+    # the learning signal of those sequences (metrics, audit records, targets); pipelined (pipeline.mode:
+    # one_step), it runs in a worker thread on a snapshot of the state while the next batch is sampled
+    audit: Callable[[TrainState, Rollouts, list[Example]], S]
+    loss: Callable[[RunConfig], LossSpec]  # the registered loss this config trains with, and its options
+    # one micro-batch (its indices in the step's batch, on the training device) -> the loss's inputs; runs the
+    # student's forward (and the reference's or the teacher's where the loss needs them)
+    loss_inputs: Callable[[TrainState, list[int], SequenceBatch, S], LossInputs]
     teacher_role: Callable[[RunConfig], TeacherRole | None]  # None: no teacher is built
     on_policy: bool  # trains on the student's own samples (logs rollout/*; rollout settings apply)
-    departures: Callable[[RunConfig], list[str]]  # what the config changes from the method's usual form
-    accumulate: Callable[[dict[str, float], dict[str, float]], None]  # (totals, step metrics): the run's totals
-    labels: Callable[[RunConfig], list[str]]  # settings a results row names beside the departures
-    not_applicable: Callable[[RunConfig], str | None]  # why this config cannot run by construction, or None
+    prepare: Callable[[TrainState], None] = _no_prepare  # at setup, after the teacher is built
+    departures: Callable[[RunConfig], list[str]] = _no_departures  # what the config changes from the usual form
+    labels: Callable[[RunConfig], list[str]] = _no_departures  # settings a results row names beside them
+    not_applicable: Callable[[RunConfig], str | None] = _applicable  # why this config cannot run, or None
+    accumulate: Callable[[dict[str, float], dict[str, float]], None] = _no_totals  # (totals, step metrics)
+    # the step's metrics when it cannot change the weights (no backward at all), else None
+    skip_update: Callable[[TrainState, S], dict[str, float] | None] = _always_update
 
     def uses_teacher(self, cfg: RunConfig) -> bool:
         return self.teacher_role(cfg) is not None
@@ -215,19 +251,3 @@ def sampling_departures(cfg: RunConfig) -> list[str]:
     if cfg.rollout.top_p < 1:
         out.append(f"rollout top_p {cfg.rollout.top_p:g} < 1 (departure)")
     return out
-
-
-def no_departures(cfg: RunConfig) -> list[str]:
-    return []
-
-
-def no_labels(cfg: RunConfig) -> list[str]:
-    return []
-
-
-def always_applicable(cfg: RunConfig) -> str | None:
-    return None
-
-
-def nothing_to_accumulate(totals: dict[str, float], metrics: dict[str, float]) -> None:
-    """The trainer keeps the totals every method has (teacher tokens and requests); nothing beyond them."""

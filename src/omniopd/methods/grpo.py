@@ -14,17 +14,13 @@ import torch
 
 from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.config import RunConfig
-from omniopd.core import token_stats
-from omniopd.core.baselines import GRPOInputs, group_advantages, grpo_loss, reverse_kl_sliced
+from omniopd.core import LossInputs, group_advantages, reverse_kl_sliced, token_stats
 from omniopd.data import Example
 from omniopd.methods.base import (
+    LossSpec,
     Method,
     StepSignal,
     TrainState,
-    always_applicable,
-    micro_batches,
-    no_labels,
-    nothing_to_accumulate,
     response_ids,
     sample_on_policy,
     sampling_departures,
@@ -112,40 +108,30 @@ def _logprobs_and_ref_kl(state: TrainState, sub: SequenceBatch, want_kl: bool):
     return logprobs, reverse_kl_sliced(hidden, head, ref_hidden, ref_head, slice_size=slice_size)
 
 
-def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
-    """PPO-clipped group-relative surrogate (+ kl_coef * KL(p_theta || p_ref)), micro-batched, / #sequences."""
-    cfg, device = state.cfg, state.accelerator.device
-    advantages = signal.advantages
-    assert advantages is not None  # set by audit
-    B = batch.response_ids.shape[0]
-    want_kl = cfg.grpo.kl_coef > 0
-    if not want_kl and not bool(advantages.abs().gt(0).any()) and state.accelerator.num_processes == 1:
-        # every group is flat (all right or all wrong): the loss is exactly 0 and so is its gradient (with
-        # several processes every rank runs the backward, since the gradient all-reduce is collective)
+def loss(cfg: RunConfig) -> LossSpec:
+    return "grpo", {"clip_eps": cfg.grpo.clip_eps, "kl_coef": cfg.grpo.kl_coef}
+
+
+def skip_update(state: TrainState, signal: StepSignal) -> dict[str, float] | None:
+    """Every group flat (all right or all wrong) and no KL term: the loss is exactly 0 and so is its gradient
+    (with several processes every rank runs the backward, since the gradient all-reduce is collective)."""
+    assert signal.advantages is not None  # set by audit
+    flat = not bool(signal.advantages.abs().gt(0).any())
+    if flat and state.cfg.grpo.kl_coef == 0 and state.accelerator.num_processes == 1:
         return {"loss/total": 0.0, "loss/grpo": 0.0, "grpo/skipped_flat_batch": 1.0}
-    loss_sum = kl_tok_sum = n_tok = 0.0
-    for idx, sub in micro_batches(state, batch):
-        logprobs, ref_kl = in_forward(state.model, _logprobs_and_ref_kl, state, sub, want_kl)
-        out = grpo_loss(
-            GRPOInputs(
-                student_logprobs=logprobs,
-                old_logprobs=logprobs.detach(),  # one update per batch
-                advantages=advantages[idx].to(device),
-                response_mask=sub.response_mask,
-                ref_kl=ref_kl,
-            ),
-            normalizer=float(B),
-            clip_eps=cfg.grpo.clip_eps,
-            kl_coef=cfg.grpo.kl_coef,
-        )
-        state.accelerator.backward(out.loss)
-        loss_sum += out.metrics["loss/grpo"]
-        n_tok += out.metrics["tokens/response"]
-        kl_tok_sum += out.metrics.get("grpo/ref_kl_mean", 0.0) * out.metrics["tokens/response"]
-    metrics = {"loss/total": loss_sum, "loss/grpo": loss_sum, "grpo/skipped_flat_batch": 0.0}
-    if want_kl:
-        metrics["grpo/ref_kl_mean"] = kl_tok_sum / max(n_tok, 1.0)
-    return metrics
+    return None
+
+
+def loss_inputs(state: TrainState, idx: list[int], sub: SequenceBatch, signal: StepSignal) -> LossInputs:
+    """Each sequence's group-relative advantage; one update per batch, so p_old = p_theta (ratio 1)."""
+    assert signal.advantages is not None  # set by audit
+    logprobs, ref_kl = in_forward(state.model, _logprobs_and_ref_kl, state, sub, state.cfg.grpo.kl_coef > 0)
+    return LossInputs(
+        logprobs=logprobs,
+        response_mask=sub.response_mask,
+        advantages=signal.advantages[idx].to(state.accelerator.device),
+        kl=ref_kl,
+    )
 
 
 def _no_teacher(cfg: RunConfig) -> None:
@@ -156,12 +142,11 @@ GRPO = Method(
     name="grpo",
     sample=sample_on_policy,
     audit=audit,
-    backward=backward,
-    prepare=prepare,
+    loss=loss,
+    loss_inputs=loss_inputs,
     teacher_role=_no_teacher,
     on_policy=True,
+    prepare=prepare,
     departures=sampling_departures,
-    accumulate=nothing_to_accumulate,
-    labels=no_labels,
-    not_applicable=always_applicable,
+    skip_update=skip_update,
 )

@@ -11,18 +11,9 @@ from __future__ import annotations
 from omniopd.alignment import SequenceBatch
 from omniopd.audit import AuditResult, phi_by_name, run_audit
 from omniopd.config import RunConfig
-from omniopd.core import OmniOPDLossInputs, omniopd_loss, token_weights_from_chunks
+from omniopd.core import LossInputs, token_weights_from_chunks
 from omniopd.data import Example
-from omniopd.methods.base import (
-    Method,
-    TeacherRole,
-    TrainState,
-    always_applicable,
-    micro_batches,
-    no_labels,
-    sample_on_policy,
-    sampling_departures,
-)
+from omniopd.methods.base import LossSpec, Method, TeacherRole, TrainState, sample_on_policy, sampling_departures
 from omniopd.rollout import Rollouts
 from omniopd.sharding import response_token_stats
 
@@ -58,40 +49,28 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Aud
     return result
 
 
-def backward(state: TrainState, batch: SequenceBatch, result: AuditResult) -> dict[str, float]:
-    """Weighted chunk likelihood + KL anchor, micro-batched; the loss is divided by the number of
-    trajectories in the step (a constant), so accumulation over micro-batches sums to the full-batch loss."""
+def loss(cfg: RunConfig) -> LossSpec:
+    return "omniopd", {"kl_anchor_coef": cfg.loss.kl_anchor_coef}
+
+
+def loss_inputs(state: TrainState, idx: list[int], sub: SequenceBatch, result: AuditResult) -> LossInputs:
+    """The chunks' targets spread on their tokens (the likelihood weights), and the exact KL(p_ref || p) on every
+    token outside them (the anchor)."""
     cfg = state.cfg
-    B = batch.response_ids.shape[0]
-    chunk_sum = kl_sum = n_unaudited = n_audited = 0.0
-    for idx, sub in micro_batches(state, batch):
-        T = sub.response_ids.shape[1]
-        weights, chunk_mask = token_weights_from_chunks(
-            [result.starts_B[j] for j in idx], [result.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
-        )
-        stats = response_token_stats(state.model, sub, ref_model=state.ref_model, slice_size=cfg.loss.slice_size)
-        out = omniopd_loss(
-            OmniOPDLossInputs(
-                student_logprobs=stats.logprobs,
-                kl_ref_to_student=stats.kl_ref_to_student,
-                response_mask=sub.response_mask,
-                chunk_weights=weights.to(stats.logprobs.device),
-                chunk_mask=chunk_mask.to(stats.logprobs.device),
-            ),
-            kl_anchor_coef=cfg.loss.kl_anchor_coef,
-            normalizer=float(B),
-        )
-        state.accelerator.backward(out.loss)
-        chunk_sum += out.metrics["loss/chunk"]
-        kl_sum += out.metrics["loss/kl_anchor_sum"] * B
-        n_unaudited += out.metrics["tokens/unaudited"]
-        n_audited += out.metrics["tokens/audited"]
-    return {
-        "loss/chunk": chunk_sum,
-        "loss/kl_anchor": kl_sum / max(n_unaudited, 1.0),
-        "loss/total": chunk_sum + cfg.loss.kl_anchor_coef * kl_sum / B,
-        "audit/token_frac": n_audited / max(n_audited + n_unaudited, 1.0),
-    }
+    T = sub.response_ids.shape[1]
+    weights, chunk_mask = token_weights_from_chunks(
+        [result.starts_B[j] for j in idx], [result.loss_weights_B[j] for j in idx], cfg.audit.chunk_tokens, T
+    )
+    stats = response_token_stats(state.model, sub, ref_model=state.ref_model, slice_size=cfg.loss.slice_size)
+    device = stats.logprobs.device
+    return LossInputs(
+        logprobs=stats.logprobs,
+        response_mask=sub.response_mask,
+        ce_mask=chunk_mask.to(device),
+        ce_weights=weights.to(device),
+        kl=stats.kl_ref_to_student,
+        kl_mask=~chunk_mask.to(device),
+    )
 
 
 def departures(cfg: RunConfig) -> list[str]:
@@ -131,12 +110,11 @@ OMNIOPD = Method(
     name="omniopd",
     sample=sample_on_policy,
     audit=audit,
-    backward=backward,
-    prepare=prepare,
+    loss=loss,
+    loss_inputs=loss_inputs,
     teacher_role=_text_teacher,
     on_policy=True,
+    prepare=prepare,
     departures=departures,
     accumulate=accumulate,
-    labels=no_labels,
-    not_applicable=always_applicable,
 )

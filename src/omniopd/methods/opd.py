@@ -31,19 +31,17 @@ import torch
 
 from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.config import OPD_TEACHER_TYPE_ERROR, OPD_TOKENIZER_ERROR, WHITE_BOX_TEACHER_TYPES, RunConfig
-from omniopd.core import token_stats
-from omniopd.core.baselines import OPDFullInputs, OPDSampledInputs, opd_full_loss, opd_sampled_loss, reverse_kl_sliced
+from omniopd.core import LossInputs, reverse_kl_sliced, token_stats
 from omniopd.core.spans import Span, common_spans, span_advantages, token_ends
 from omniopd.data import Example
 from omniopd.errors import ConfigError
 from omniopd.measures import loops
 from omniopd.methods.base import (
+    LossSpec,
     Method,
     StepSignal,
     TeacherRole,
     TrainState,
-    micro_batches,
-    nothing_to_accumulate,
     response_ids,
     sample_on_policy,
     sampling_departures,
@@ -142,7 +140,7 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
         "teacher/tokens": float(tbatch.attention_mask.sum()),
         "teacher/requests": float(len(traj_examples)),
         # what on-policy distillation is known to suffer from: answers that repeat themselves (a periodic tail)
-        "opd/loop_frac": sum(loops(state.tokenizer.decode(ids, skip_special_tokens=True)) for ids in student_ids)
+        "opd/loop_frac": sum(loops(str(state.tokenizer.decode(ids, skip_special_tokens=True))) for ids in student_ids)
         / max(len(student_ids), 1),
     }
     return StepSignal(metrics={**metrics, **extra}, teacher_batch=tbatch, spans=spans)
@@ -214,70 +212,52 @@ def _opd_terms(
     return (reverse_kl_sliced(hidden, head, t_hidden, t_head, slice_size=cfg.loss.slice_size),)
 
 
-def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
-    """Reverse KL(student || teacher) on the student's own tokens, micro-batched, / #sequences."""
+def loss(cfg: RunConfig) -> LossSpec:
+    return ("opd_sampled" if cfg.opd.estimator == "sampled" else "opd_full"), {}
+
+
+def loss_inputs(state: TrainState, idx: list[int], sub: SequenceBatch, signal: StepSignal) -> LossInputs:
+    """The teacher scores this micro-batch's responses: ``sampled``, each token's advantage log q - log p (another
+    tokenizer: its span's log-ratio); ``full``, the exact per-position reverse KL(p || q)."""
     from omniopd.teachers.local import LocalTeacher
 
-    cfg, device = state.cfg, state.accelerator.device
     assert isinstance(state.teacher, LocalTeacher)  # prepare (check_white_box_teacher) refuses any other
     assert signal.teacher_batch is not None  # set by audit
-    teacher_model, teacher_batch = state.teacher.model, signal.teacher_batch
-    B = batch.response_ids.shape[0]
-    loss_sum = kl_tok_sum = n_tok = 0.0
+    tsub = signal.teacher_batch.select(idx).to(state.accelerator.device)
+    if signal.spans is None:
+        same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(
+            tsub.response_mask, sub.response_mask
+        )
+        if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
+            raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
     clock = {"teacher": 0.0}
-    advantages: list[torch.Tensor] = []  # sampled: every response token's advantage log q - log p
-    for idx, sub in micro_batches(state, batch):
-        tsub = teacher_batch.select(idx).to(device)
+    terms = in_forward(state.model, _opd_terms, state.cfg, state.model, state.teacher.model, sub, tsub, clock)
+    extra = {"time/teacher_forward_s": clock["teacher"]}
+    if state.cfg.opd.estimator == "full":
+        (kl,) = terms
+        return LossInputs(response_mask=sub.response_mask, kl=kl, extra=extra)
+    logp, t_logp = terms
+    valid = sub.response_mask.bool()
+    with torch.no_grad():
         if signal.spans is None:
-            same = tsub.response_mask.shape == sub.response_mask.shape and torch.equal(
-                tsub.response_mask, sub.response_mask
-            )
-            if not same or not torch.equal(tsub.response_ids[sub.response_mask], sub.response_ids[sub.response_mask]):
-                raise RuntimeError("opd: teacher and student sequences do not hold the same response tokens")
-        terms = in_forward(state.model, _opd_terms, cfg, state.model, teacher_model, sub, tsub, clock)
-        if cfg.opd.estimator == "sampled":
-            logp, t_logp = terms
-            if signal.spans is not None:  # another tokenizer: each student token's advantage is its span's
-                t_logp = _span_teacher_logprobs(logp, t_logp, sub, tsub, [signal.spans[i] for i in idx])
-            mask = sub.response_mask.bool()
-            advantages.append((t_logp.detach() - logp.detach())[mask].float().cpu())
-            inputs = OPDSampledInputs(student_logprobs=logp, teacher_logprobs=t_logp, response_mask=sub.response_mask)
-            out = opd_sampled_loss(inputs, normalizer=float(B))
-        else:
-            out = opd_full_loss(
-                OPDFullInputs(reverse_kl=terms[0], response_mask=sub.response_mask), normalizer=float(B)
-            )
-        state.accelerator.backward(out.loss)
-        loss_sum += out.metrics["loss/opd"]
-        kl_tok_sum += out.metrics["opd/reverse_kl_mean"] * out.metrics["tokens/response"]
-        n_tok += out.metrics["tokens/response"]
-    out = {
-        "loss/total": loss_sum,
-        "loss/opd": loss_sum,
-        "opd/reverse_kl_mean": kl_tok_sum / max(n_tok, 1.0),
-        "time/teacher_forward_s": clock["teacher"],
-    }
-    if advantages:  # the spread the update sees (another tokenizer: each token carries its span's log-ratio)
-        a = torch.cat(advantages)
-        out["opd/advantage_mean"] = float(a.mean()) if a.numel() else 0.0
-        out["opd/advantage_std"] = float(a.std()) if a.numel() > 1 else 0.0
-    return out
+            adv = torch.where(valid, t_logp.detach().to(logp.dtype) - logp.detach(), logp.new_zeros(()))
+        else:  # another tokenizer: each student token's advantage is its span's log-ratio
+            adv = _span_advantages(logp, t_logp, sub, tsub, [signal.spans[i] for i in idx])
+    return LossInputs(logprobs=logp, response_mask=sub.response_mask, advantages=adv, extra=extra)
 
 
-def _span_teacher_logprobs(
+def _span_advantages(
     logp: torch.Tensor, t_logp: torch.Tensor, sub: SequenceBatch, tsub: SequenceBatch, spans: list
 ) -> torch.Tensor:
-    """(B, T) values v with v - log p(y_t) = the advantage of student token t (its span's log-ratio; 0 for a
-    response without spans), so the per-token sampled loss applies unchanged."""
-    with torch.no_grad():
-        adv = torch.zeros_like(logp)
-        for r, row_spans in enumerate(spans):
-            if row_spans is None:
-                continue
-            n_s, n_t = int(sub.response_mask[r].sum()), int(tsub.response_mask[r].sum())
-            a = span_advantages(row_spans, logp[r, :n_s].tolist(), t_logp[r, :n_t].tolist())
-            adv[r, :n_s] = torch.tensor(a, dtype=logp.dtype, device=logp.device)
-        return logp.detach() + adv
+    """(B, T) advantages of the student's tokens: each its span's log-ratio (0 for a response without spans)."""
+    adv = torch.zeros_like(logp)
+    for r, row_spans in enumerate(spans):
+        if row_spans is None:
+            continue
+        n_s, n_t = int(sub.response_mask[r].sum()), int(tsub.response_mask[r].sum())
+        a = span_advantages(row_spans, logp[r, :n_s].tolist(), t_logp[r, :n_t].tolist())
+        adv[r, :n_s] = torch.tensor(a, dtype=logp.dtype, device=logp.device)
+    return adv
 
 
 def _logits_teacher(cfg: RunConfig) -> TeacherRole:
@@ -292,12 +272,12 @@ OPD = Method(
     name="opd",
     sample=sample_on_policy,
     audit=audit,
-    backward=backward,
-    prepare=prepare,
+    loss=loss,
+    loss_inputs=loss_inputs,
     teacher_role=_logits_teacher,
     on_policy=True,
+    prepare=prepare,
     departures=sampling_departures,
-    accumulate=nothing_to_accumulate,
     labels=labels,
     not_applicable=not_applicable,
 )

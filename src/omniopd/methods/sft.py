@@ -19,20 +19,11 @@ from tqdm.auto import tqdm
 
 from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
-from omniopd.core.baselines import SFTLossInputs, sft_loss
+from omniopd.core.losses import LossInputs
 from omniopd.data import Example, PromptStream
 from omniopd.errors import DataError, TeacherError
 from omniopd.measures import clean_reference
-from omniopd.methods.base import (
-    Method,
-    StepSignal,
-    TeacherRole,
-    TrainState,
-    always_applicable,
-    micro_batches,
-    no_departures,
-    nothing_to_accumulate,
-)
+from omniopd.methods.base import LossSpec, Method, StepSignal, TeacherRole, TrainState
 from omniopd.prompts import student_messages
 from omniopd.rollout import Rollouts, chat_prompts, pack
 from omniopd.sharding import response_token_stats
@@ -213,26 +204,14 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     )
 
 
-def backward(state: TrainState, batch: SequenceBatch, signal: StepSignal) -> dict[str, float]:
-    """NLL of the target tokens, micro-batched, divided by the number of sequences in the step."""
-    cfg = state.cfg
-    B = batch.response_ids.shape[0]
-    loss_sum = nll_sum = n_tok = 0.0
-    for _, sub in micro_batches(state, batch):
-        stats = response_token_stats(state.model, sub, slice_size=cfg.loss.slice_size)
-        out = sft_loss(
-            SFTLossInputs(student_logprobs=stats.logprobs, target_mask=sub.response_mask), normalizer=float(B)
-        )
-        state.accelerator.backward(out.loss)
-        loss_sum += out.metrics["loss/sft"]
-        nll_sum += out.metrics["sft/nll_per_token"] * out.metrics["tokens/target"]
-        n_tok += out.metrics["tokens/target"]
-    return {
-        "loss/total": loss_sum,
-        "loss/sft": loss_sum,
-        "sft/nll_per_token": nll_sum / max(n_tok, 1.0),
-        "sft/target_tokens": n_tok,
-    }
+def loss(cfg: RunConfig) -> LossSpec:
+    return "sft", {}
+
+
+def loss_inputs(state: TrainState, idx: list[int], sub: SequenceBatch, signal: StepSignal) -> LossInputs:
+    """The target tokens, each of weight 1 (the loss divides by the number of sequences in the step)."""
+    stats = response_token_stats(state.model, sub, slice_size=state.cfg.loss.slice_size)
+    return LossInputs(logprobs=stats.logprobs, response_mask=sub.response_mask, ce_mask=sub.response_mask)
 
 
 def teacher_role(cfg: RunConfig) -> TeacherRole | None:
@@ -249,12 +228,10 @@ SFT = Method(
     name="sft",
     sample=sample,
     audit=audit,
-    backward=backward,
-    prepare=prepare,
+    loss=loss,
+    loss_inputs=loss_inputs,
     teacher_role=teacher_role,
     on_policy=False,
-    departures=no_departures,
-    accumulate=nothing_to_accumulate,
+    prepare=prepare,
     labels=labels,
-    not_applicable=always_applicable,
 )
