@@ -36,7 +36,7 @@ NO_KEY_ENV = "OMNIOPD_BENCH_UNSET_KEY"  # unset: the teacher sends a dummy key t
 def run_arm(adaptive: bool, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from omniopd.config import load_config
     from omniopd.testing.fake_providers import FakeProviderServer
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     with FakeProviderServer(latency_s=args.latency, max_choices=1, max_in_flight=1) as server:
         overrides = [

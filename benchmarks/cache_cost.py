@@ -16,7 +16,7 @@
    the scaled run shows the mechanism on this request pattern, ``omniopd estimate`` (4.) the real minimums.
    The fake answers with filler words, so phi and adaptive N's stopping see a teacher that always disagrees.
 2. The per-request cache pattern of one trajectory (N=4, Anthropic), with ``warm_first`` and ``sequential``.
-3. The estimate against the measured ledger: ``omniopd estimate``'s replay (``omniopd.estimate.replay``) of the
+3. The estimate against the measured ledger: ``omniopd estimate``'s replay (``omniopd.diagnostics.estimate.replay``) of the
    same recorded batches against every Anthropic setting without adaptive N; and, with ``--train-steps``,
    ``omniopd estimate`` on its own rollouts against a short real training run on the fake provider.
 4. ``omniopd estimate`` for the recipe with an Anthropic teacher (Claude Haiku 4.5, real minimum) and for the
@@ -49,9 +49,9 @@ def sample_batches(cfg, steps: int, saved: str | None = None):
     import torch
 
     from omniopd.data import PromptStream
-    from omniopd.models import load_model
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, sample_rollouts
+    from omniopd.engine.models import load_model
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, sample_rollouts
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.student.name, cfg.student.dtype)
@@ -77,7 +77,7 @@ def sample_batches(cfg, steps: int, saved: str | None = None):
 
 def audit_all(cfg, model, tok, batches, teacher, audit_cfg) -> dict:
     """Every batch audited with ``teacher``; the ledger's bill and the samples the audit asked for."""
-    from omniopd.audit import run_audit
+    from omniopd.methods.omniopd.audit import run_audit
 
     samples, chunks = 0, 0
     for step, (examples, ro) in enumerate(batches):
@@ -117,8 +117,8 @@ def settings() -> list[dict]:
 
 def trajectory_pattern(cfg, model, tok, batches, min_tokens: int, latency_s: float) -> dict:
     """Each request of trajectory 0 of the first batch, in arrival order: its chunk, prompt, read, written."""
-    from omniopd.audit import run_audit
-    from omniopd.estimate import RecordingTeacher
+    from omniopd.diagnostics.estimate import RecordingTeacher
+    from omniopd.methods.omniopd.audit import run_audit
     from omniopd.testing.fake_providers import FakeProviderServer
 
     examples, ro = batches[0]
@@ -151,8 +151,8 @@ def trajectory_pattern(cfg, model, tok, batches, min_tokens: int, latency_s: flo
 
 def replay_check(cfg, model, tok, batches, measured: dict, min_tokens: int) -> list[dict]:
     """The estimate's replay of the same recorded batches against the measured ledger, per Anthropic setting."""
-    from omniopd.audit import run_audit
-    from omniopd.estimate import RecordingTeacher, replay
+    from omniopd.diagnostics.estimate import RecordingTeacher, replay
+    from omniopd.methods.omniopd.audit import run_audit
     from omniopd.teachers.anthropic_backend import AnthropicTeacher
 
     rows = []
@@ -182,9 +182,9 @@ def replay_check(cfg, model, tok, batches, measured: dict, min_tokens: int) -> l
 def train_check(cfg, steps: int, min_tokens: int, latency_s: float) -> dict:
     """``omniopd estimate`` on the recipe against the per-step ledger of a short training run on the fake."""
     from omniopd.config import build_config
-    from omniopd.estimate import estimate
+    from omniopd.diagnostics.estimate import estimate
     from omniopd.testing.fake_providers import FakeProviderServer
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     with FakeProviderServer(latency_s=latency_s) as fake, tempfile.TemporaryDirectory() as tmp:
         fake.cache_min_tokens = min_tokens
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"):
         os.environ.setdefault(name, "sk-fake")  # the fake takes any key
     from omniopd.config import load_config
-    from omniopd.estimate import estimate
+    from omniopd.diagnostics.estimate import estimate
     from omniopd.testing.fake_providers import FakeProviderServer
 
     overrides = list(args.overrides)

@@ -10,7 +10,7 @@ Both trainers run in one process on the same machine. ``--steps`` steps of each 
 ``--warmup`` of them are reported but left out of the medians. ``key=value`` overrides go to the recipe
 (as in step_breakdown.py), and the TRL side takes its shapes from the resolved config.
 
-(a) OmniOPD: ``omniopd.trainer.setup``/``train_step`` on the recipe, timed by the trainer itself
+(a) OmniOPD: ``omniopd.training.trainer.setup``/``train_step`` on the recipe, timed by the trainer itself
     (``time/step_s`` and the phases step_breakdown.py reports: rollout, entropy, teacher, phi,
     loss_backward, optimizer). The teacher is the recipe's (privileged by default).
 (b) TRL: ``trl.DistillationTrainer`` (TRL >= 1.16), TRL's white-box on-policy distillation trainer:
@@ -201,8 +201,8 @@ def build_trl(trl, cfg, batches, out_dir: str, clock: Clock, after_step):
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
-    from omniopd.models import load_model
-    from omniopd.prompts import student_messages
+    from omniopd.engine.models import load_model
+    from omniopd.engine.prompts import student_messages
 
     r, o = cfg.rollout, cfg.optim
     rows = [
@@ -315,7 +315,7 @@ def run_both(args, trl, overrides: list[str]) -> None:
 
     from omniopd.config import load_config
     from omniopd.data import load_examples
-    from omniopd.trainer import setup, train_step
+    from omniopd.training.trainer import setup, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.recipe, [*overrides, f"output_dir={tmp}/run", "eval.before=false", "eval.after=false"])

@@ -1,4 +1,4 @@
-"""Decoding throughput: plain ``generate`` against the compiled static-cache path (``omniopd.decoding``).
+"""Decoding throughput: plain ``generate`` against the compiled static-cache path (``omniopd.engine.decoding``).
 
     python benchmarks/decoding.py --output decoding.json [--quick] [--device cpu|cuda] [--teacher NAME|student]
                                   [--batch-sizes 4 16] [--max-new-tokens 128] [--repeats 3]
@@ -52,7 +52,7 @@ def _timed(fn, device) -> tuple[float, object]:
 
 def _measure(fn, device, repeats: int, model) -> dict:
     """First call alone (compile seconds counted apart), then the median of ``repeats`` calls."""
-    from omniopd import decoding
+    from omniopd.engine import decoding
 
     c0 = decoding.compile_seconds(model)
     first_s, tokens = _timed(fn, device)
@@ -67,11 +67,11 @@ def _measure(fn, device, repeats: int, model) -> dict:
 def student_bench(args, device) -> list[dict]:
     import torch
 
-    from omniopd import decoding
     from omniopd.data import load_examples
-    from omniopd.models import eos_token_ids, load_model
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, generation_config
+    from omniopd.engine import decoding
+    from omniopd.engine.models import eos_token_ids, load_model
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, generation_config
 
     model, tok = load_model(STUDENT)
     model.to(device)
@@ -111,7 +111,7 @@ def student_bench(args, device) -> list[dict]:
 
 def teacher_bench(args, device) -> list[dict]:
     from omniopd.data import load_examples
-    from omniopd.models import load_model
+    from omniopd.engine.models import load_model
     from omniopd.teachers.base import ContinuationRequest, SamplingSpec
     from omniopd.teachers.local import LocalTeacher
 
@@ -165,7 +165,7 @@ def main() -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {
-        "what": "tokens/s of plain generate vs the compiled static-cache path (omniopd.decoding)",
+        "what": "tokens/s of plain generate vs the compiled static-cache path (omniopd.engine.decoding)",
         "quick": args.quick,
         "device": str(device),
         "settings": {k: v for k, v in vars(args).items() if k != "output"},

@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--benchmarks", nargs="*", default=list(PLAN))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from omniopd.engine.models import load_model
     from omniopd.evaluation.runner import HFGenerator, evaluate
-    from omniopd.models import load_model
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

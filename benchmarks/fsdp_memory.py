@@ -61,9 +61,9 @@ def worker(recipe: str, strategy: str, out_dir: str, result_path: str, overrides
     import torch
 
     from omniopd.config import load_config
-    from omniopd.distributed import rank_slice
     from omniopd.methods import METHODS
-    from omniopd.trainer import backward_phase, optimizer_phase, setup
+    from omniopd.training.distributed import rank_slice
+    from omniopd.training.trainer import backward_phase, optimizer_phase, setup
 
     cfg = load_config(recipe, [f"output_dir={out_dir}", "max_steps=1", "method=sft", "sft.source=reference",
                                "eval.before=false", "eval.after=false", f"distributed.strategy={strategy}", *overrides])

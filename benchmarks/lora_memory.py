@@ -33,7 +33,7 @@ def run_one(recipe: str, steps: int, rank: int, overrides: list[str]) -> dict:
     import torch
 
     from omniopd.config import load_config
-    from omniopd.trainer import setup, train_step
+    from omniopd.training.trainer import setup, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"output_dir={tmp}/run", f"max_steps={steps}", "eval.before=false", "eval.after=false",

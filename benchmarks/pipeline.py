@@ -4,7 +4,7 @@
 
 For each injected latency (seconds per request) the same short OmniOPD run is trained twice, once with
 ``pipeline.mode=off`` (on-policy: sample, then wait for the audit) and once with ``pipeline.mode=one_step``
-(the audit of step t in a worker thread while step t+1 is sampled, ``omniopd.pipeline``). The student is
+(the audit of step t in a worker thread while step t+1 is sampled, ``omniopd.training.pipeline``). The student is
 the real SmolLM2-135M-Instruct at small shapes; the teacher is ``openai-completions`` pointed at the local
 fake provider (``omniopd.testing.fake_providers``), which answers every request after ``latency_s``. The
 server runs in a child process, so its request handling does not share the trainer's GIL, as a remote API
@@ -64,7 +64,7 @@ def _per_step(row: dict) -> dict:
 
 def run(mode: str, latency_s: float, steps: int, overrides: list[str], out_dir: Path) -> dict:
     from omniopd.config import build_config
-    from omniopd.trainer import setup, train_step
+    from omniopd.training.trainer import setup, train_step
 
     with ServerProcess(latency_s) as server:
         cfg = build_config({

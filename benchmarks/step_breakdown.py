@@ -9,7 +9,7 @@ the teacher's generated tokens per teacher second), with a description of the ma
 when there is one). The first step is included: nothing is warmed up
 separately, so the numbers are what a user sees.
 
-Decoding (``rollout.compile``, see ``omniopd.decoding``): ``decoding`` names the mode, the seconds spent
+Decoding (``rollout.compile``, see ``omniopd.engine.decoding``): ``decoding`` names the mode, the seconds spent
 compiling (the student's inside ``rollout``, per step; the local teacher's inside ``teacher``, in all) and
 whether the entropy came from the rollout itself (``entropy`` is then only the anchor bookkeeping, near 0)
 or from a second forward. ``--quick`` runs 2 steps at tiny shapes (a check that the script runs).
@@ -86,7 +86,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from omniopd.config import load_config
-    from omniopd.trainer import setup, train_step
+    from omniopd.training.trainer import setup, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.recipe, [*args.overrides, f"output_dir={tmp}/run", "eval.before=false", "eval.after=false"])

@@ -124,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from omniopd.audit import run_audit
     from omniopd.config import load_config
     from omniopd.data import PromptStream, load_examples
+    from omniopd.engine.models import load_model
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, sample_rollouts
     from omniopd.errors import ConfigError
-    from omniopd.models import load_model
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, sample_rollouts
+    from omniopd.methods.omniopd.audit import run_audit
     from omniopd.teachers import ContinuationRequest, SamplingSpec, build_teacher
 
     extra = [f"optim.prompts_per_step={args.prompts}"]

@@ -3,7 +3,7 @@
     python benchmarks/teacher_speed.py --output teacher_speed.json [--recipe recipes/compare-code-cpu.yaml]
                                        [--steps 2] [--repeats 3] [--quick] [key=value ...]
 
-The teacher batches are recorded from real student rollouts of the recipe (``omniopd.estimate.rollout_calls``:
+The teacher batches are recorded from real student rollouts of the recipe (``omniopd.diagnostics.estimate.rollout_calls``:
 the audit's own requests, e.g. 12 chunks of 4 trajectories per step on the code recipe, N=4 continuations of C=24
 tokens, Qwen2.5-Coder-0.5B continuing SmolLM2's decoded text). Each batch is then answered by both backends,
 interleaved (HF, llama.cpp, HF, llama.cpp, ...), ``--repeats`` times, the same seed; the first call of each backend
@@ -39,7 +39,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from omniopd.config import load_config
-    from omniopd.estimate import rollout_calls
+    from omniopd.diagnostics.estimate import rollout_calls
     from omniopd.teachers.llamacpp import LlamaCppTeacher
     from omniopd.teachers.local import LocalTeacher
 

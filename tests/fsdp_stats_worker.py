@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_llama
-from omniopd.alignment import SequenceBatch
 from omniopd.config import build_config
-from omniopd.sharding import gathered_state_dict, is_sharded, prepare_sharded, response_token_stats
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.forward import response_token_stats
+from omniopd.training.sharding import gathered_state_dict, is_sharded, prepare_sharded
 
 
 def tied_tiny_llama():
@@ -47,7 +48,7 @@ def loss_of(stats, normalizer: float) -> torch.Tensor:
 
 
 def case(lora_rank: int, rank: int, world: int) -> dict:
-    from omniopd.lora import AdapterDisabled, apply_lora
+    from omniopd.training.lora import AdapterDisabled, apply_lora
 
     cfg = build_config({"lora": {"rank": lora_rank, "alpha": 8.0}} if lora_rank else {})
     model, ref, _ = prepare_sharded(cfg, tied_tiny_llama(), torch.device("cpu"), lambda whole: None)

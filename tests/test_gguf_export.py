@@ -1,4 +1,4 @@
-"""Trained weights written as GGUF (``omniopd.gguf_export``) and evaluation through llama.cpp.
+"""Trained weights written as GGUF (``omniopd.engine.gguf_export``) and evaluation through llama.cpp.
 
 * The rotary interleaving is the inverse of the one transformers undoes when it loads a llama GGUF.
 * The packaged student, dequantized by transformers and written back as float32 GGUF, gives llama.cpp the same
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from omniopd.gguf_export import gguf_name, permute_rotary
+from omniopd.engine.gguf_export import gguf_name, permute_rotary
 
 MODEL = "smollm2-135m-instruct"
 
@@ -41,9 +41,9 @@ def test_names():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pytest.importorskip("llama_cpp")
+    from omniopd.engine.gguf_export import export_gguf
+    from omniopd.engine.models import gguf_file, load_model
     from omniopd.errors import ModelError
-    from omniopd.gguf_export import export_gguf
-    from omniopd.models import gguf_file, load_model
 
     try:
         template = gguf_file(MODEL)
@@ -71,8 +71,8 @@ def test_llamacpp_reads_the_written_weights_as_the_hf_model_does(exported):
 
 
 def test_a_changed_weight_is_a_new_file_and_unknown_parameters_are_refused(exported, tmp_path, monkeypatch):
+    from omniopd.engine.gguf_export import export_gguf, gguf_for
     from omniopd.errors import ModelError
-    from omniopd.gguf_export import export_gguf, gguf_for
 
     monkeypatch.setenv("OMNIOPD_CACHE", str(tmp_path))
     model, _, template, _ = exported
@@ -108,7 +108,7 @@ def test_greedy_answers_match_the_hf_generator(exported):
 
 
 def test_bfloat16_weights_round_the_logits_a_little(exported, tmp_path):
-    from omniopd.gguf_export import export_gguf
+    from omniopd.engine.gguf_export import export_gguf
     from omniopd.teachers.llamacpp import LlamaCppEngine
 
     model, tok, template, _ = exported

@@ -32,7 +32,7 @@ def _cfg(model_dir, data, out, **extra):
 
 def _sft_loss_and_grads(cfg, *, cpu: bool, monkeypatch) -> tuple[float, dict[str, torch.Tensor]]:
     """The first SFT step's loss and gradients (before the optimizer), on the CPU or the GPU."""
-    import omniopd.trainer as trainer
+    import omniopd.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "_has_accelerator_device", lambda: not cpu)
     state = trainer.setup(cfg, overwrite=True)
@@ -65,7 +65,7 @@ def test_sft_gradients_on_cuda_match_the_cpu(tmp_path, monkeypatch):
 
 def test_omniopd_steps_run_on_cuda(tmp_path, monkeypatch):
     model_dir, data = tiny_run_files(tmp_path)
-    import omniopd.trainer as trainer
+    import omniopd.training.trainer as trainer
 
     state = trainer.setup(_cfg(model_dir, data, tmp_path / "run"), overwrite=True)
     assert state.accelerator.device.type == "cuda"
@@ -86,7 +86,7 @@ def test_omniopd_steps_run_on_cuda(tmp_path, monkeypatch):
 def test_lora_omniopd_step_on_cuda(tmp_path):
     pytest.importorskip("peft")
     model_dir, data = tiny_run_files(tmp_path)
-    import omniopd.trainer as trainer
+    import omniopd.training.trainer as trainer
 
     state = trainer.setup(_cfg(model_dir, data, tmp_path / "run", lora={"rank": 4, "alpha": 8.0}), overwrite=True)
     row = trainer.train_step(state)

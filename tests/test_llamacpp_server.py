@@ -44,7 +44,7 @@ RAW_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "presence_penal
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from omniopd.models import gguf_file
+    from omniopd.engine.models import gguf_file
 
     try:
         path = gguf_file("smollm2-135m-instruct")
@@ -79,7 +79,7 @@ def test_the_server_answers_one_choice_whatever_n_asks(server: dict[str, Any]) -
 def test_one_omniopd_step_over_http(server: dict[str, Any], tmp_path: Path) -> None:
     """The default recipe, one step, its privileged teacher replaced by the server (sampling sent explicitly)."""
     from omniopd.config import load_config
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     out = tmp_path / "run"
     overrides = [

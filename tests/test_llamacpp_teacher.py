@@ -93,7 +93,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from omniopd.models import load_model
+    from omniopd.engine.models import load_model
 
     model, tok = load_model(MODEL)
     return model, tok

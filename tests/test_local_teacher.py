@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd.alignment import position_ids
+from omniopd.engine.alignment import position_ids
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec
 from omniopd.teachers.local import LocalTeacher
 

@@ -8,7 +8,7 @@ import pytest
 
 from omniopd.config import build_config
 from omniopd.errors import ConfigError
-from omniopd.loggers import MetricLoggers
+from omniopd.training.loggers import MetricLoggers
 
 
 def test_jsonl_and_tensorboard_receive_the_same_metrics(tmp_path):

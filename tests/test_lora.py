@@ -12,11 +12,11 @@ from conftest import tiny_llama, tiny_run_config, tiny_run_files
 
 pytest.importorskip("peft")
 
-from omniopd.alignment import SequenceBatch, response_hidden  # noqa: E402
 from omniopd.config import build_config  # noqa: E402
 from omniopd.core import token_stats  # noqa: E402
+from omniopd.engine.alignment import SequenceBatch, response_hidden  # noqa: E402
 from omniopd.errors import ConfigError  # noqa: E402
-from omniopd.lora import AdapterDisabled, apply_lora, is_lora  # noqa: E402
+from omniopd.training.lora import AdapterDisabled, apply_lora, is_lora  # noqa: E402
 
 
 def _batch(vocab: int, B: int = 3, P: int = 5, T: int = 9) -> SequenceBatch:
@@ -87,7 +87,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from omniopd.trainer import setup, train_step
+    from omniopd.training.trainer import setup, train_step
 
     model_dir, data = tiny_dir
     cfg = _cfg(model_dir, data, tmp_path / "run")
@@ -100,7 +100,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_p
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
     assert all("lora_" in n for n in changed), sorted(changed - {n for n in changed if "lora_" in n})[:3]
-    from omniopd.trainer import save_final
+    from omniopd.training.trainer import save_final
 
     final = save_final(state)
     merged = AutoModelForCausalLM.from_pretrained(final)
@@ -118,7 +118,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_p
 
 
 def test_lora_run_resumes_from_its_adapter_checkpoint(tiny_dir, tmp_path):
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     model_dir, data = tiny_dir
     out = tmp_path / "resume"

@@ -21,8 +21,8 @@ from omniopd.data import (
     mbpp_prompt,
     shared_data_dir,
 )
+from omniopd.engine.prompts import CODE_INSTRUCTION, student_messages
 from omniopd.errors import DataError
-from omniopd.prompts import CODE_INSTRUCTION, student_messages
 
 try:
     DATA = shared_data_dir()

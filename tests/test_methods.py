@@ -13,7 +13,7 @@ from conftest import char_tokenizer, tiny_llama
 from omniopd import methods
 from omniopd.config import OPD_TOKENIZER_ERROR
 from omniopd.errors import ConfigError
-from omniopd.trainer import train
+from omniopd.training.trainer import train
 from test_train_tiny import _cfg, _params
 
 SHARED_KEYS = ("loss/total", "optim/lr", "optim/grad_norm", "teacher/tokens", "teacher/tokens_total", "time/step_s", "time/rollout_s")

@@ -1,4 +1,4 @@
-"""The one-step-off-policy pipeline (``pipeline.mode: one_step``, ``omniopd.pipeline``): the audit of step t in a
+"""The one-step-off-policy pipeline (``pipeline.mode: one_step``, ``omniopd.training.pipeline``): the audit of step t in a
 worker thread while step t+1's prompts are sampled, its staleness logged, exact resume, and the refusals; with the
 pipeline off, the step is today's.
 
@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from conftest import tiny_run_config, tiny_run_files
-from omniopd import pipeline
-from omniopd.checkpoint import PIPELINE_FILE, list_checkpoints
 from omniopd.config import build_config, dump_config
 from omniopd.errors import ConfigError, OmniOPDError
 from omniopd.methods import METHODS
-from omniopd.trainer import train
+from omniopd.training import pipeline
+from omniopd.training.checkpoint import PIPELINE_FILE, list_checkpoints
+from omniopd.training.trainer import train
 
 pytest.importorskip("openai")
 

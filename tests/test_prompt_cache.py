@@ -331,7 +331,7 @@ def _train_cfg(tiny_model_dir, data, out, fake, **teacher):
 
 
 def test_each_step_logs_its_cached_and_written_tokens_and_dollars(tiny_model_dir, gsm8k_like, tmp_path, fake):
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     fake.cache_min_tokens = 4
     out = tmp_path / "run"
@@ -348,7 +348,7 @@ def test_each_step_logs_its_cached_and_written_tokens_and_dollars(tiny_model_dir
 
 
 def test_the_cap_stops_a_run_on_cached_pricing(tiny_model_dir, gsm8k_like, tmp_path, fake):
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     fake.cache_min_tokens = 4
     cfg = _train_cfg(tiny_model_dir, gsm8k_like, tmp_path / "run", fake, max_cost_usd=3.0, price_input_per_mtok=0.0,
@@ -375,11 +375,11 @@ class _RoundSpy(Teacher):
 
 
 def test_a_later_adaptive_round_reads_its_whole_prompt_from_the_cache(fake):
-    from omniopd.audit import run_audit
     from omniopd.config import build_config
     from omniopd.data import Example
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, sample_rollouts
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, sample_rollouts
+    from omniopd.methods.omniopd.audit import run_audit
 
     tok = char_tokenizer()
     model = tiny_llama(vocab_size=len(tok))

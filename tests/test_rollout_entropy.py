@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, tiny_llama
-from omniopd.audit import run_audit, student_token_stats
 from omniopd.config import build_config
 from omniopd.core import ANCHOR_SELECTORS
 from omniopd.data import Example
-from omniopd.decoding import RawTokenStats
-from omniopd.rollout import chat_prompts, sample_rollouts
+from omniopd.engine.decoding import RawTokenStats
+from omniopd.engine.rollout import chat_prompts, sample_rollouts
+from omniopd.methods.omniopd.audit import run_audit, student_token_stats
 from omniopd.teachers.local import LocalTeacher
 
 QUESTIONS = ["What is 1+1?", "Hi", "Compute 12 times 13, please, and show the steps."]  # three prompt lengths
@@ -103,9 +103,9 @@ def test_audit_from_rollout_stats_matches_second_forward(tiny):
 def test_checkpoint_processors_fall_back_to_the_second_forward(caplog, monkeypatch):
     """A checkpoint whose generation config adds a processor ahead of the sampling warpers (transformers applies
     its repetition_penalty even with our own config): the rollout records nothing, and says so."""
-    import omniopd.rollout
+    import omniopd.engine.rollout
 
-    monkeypatch.setattr(omniopd.rollout, "_warned", set())  # said once per process: another test may have said it
+    monkeypatch.setattr(omniopd.engine.rollout, "_warned", set())  # said once per process: another test may have said it
     tok = char_tokenizer()
     model = tiny_llama(vocab_size=len(tok))
     model.generation_config.repetition_penalty = 1.3

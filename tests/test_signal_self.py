@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from conftest import char_tokenizer, tiny_llama
 from omniopd.config import build_config
-from omniopd.signal_check import _self_verdict, check_signal, format_signal
+from omniopd.diagnostics.signal_check import _self_verdict, check_signal, format_signal
 
 
 def test_a_different_teacher_is_compared_with_the_students_own_continuations(tiny_model_dir, gsm8k_like, tmp_path):

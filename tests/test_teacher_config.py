@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from omniopd.config import build_config, dump_config, normalized, read_recipe
+from omniopd.config.teachers import RuntimeOptions, flat_layout
 from omniopd.errors import ConfigError
-from omniopd.teacher_config import RuntimeOptions, flat_layout
 from omniopd.teachers import build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_compare_arms_switch_local_to_privileged_keeping_shared_fields():
 
 def test_an_override_to_another_type_drops_the_old_types_fields_with_a_warning(caplog):
     recipe = read_recipe(ROOT / "recipes" / "compare-code-cpu.yaml")  # teacher: local, batch_size 48, share_prefixes
-    with caplog.at_level(logging.WARNING, logger="omniopd.teacher_config"):
+    with caplog.at_level(logging.WARNING, logger="omniopd.config.teachers"):
         t = build_config(recipe, ["teacher.type=openai-chat", "teacher.model=gpt-x", "teacher.dispatch=sequential"]).teacher
     assert (t.type, t.model, t.temperature, t.dispatch) == ("openai-chat", "gpt-x", 1.0, "sequential")
     assert "dropping teacher.batch_size, teacher.share_prefixes, not used by teacher.type=openai-chat" in caplog.text

@@ -9,7 +9,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_llama
 from omniopd.config import API_TEACHER_TYPES, build_config
-from omniopd.trainer import train
+from omniopd.training.trainer import train
 
 
 def _cfg(model_dir, data, out, teacher: dict, **extra):

@@ -37,7 +37,7 @@ def _tiny_model(target: Path) -> Any:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from omniopd.models import load_tokenizer
+    from omniopd.engine.models import load_tokenizer
 
     try:
         tok = load_tokenizer("smollm2-135m-instruct")
@@ -156,7 +156,7 @@ def test_omniopd_step_through_a_real_server(served: dict[str, Any], tmp_path: Pa
     """One OmniOPD training step whose teacher is the real server, through the official openai client.
     The student is the served tiny model itself (it has the real SmolLM2 tokenizer)."""
     from omniopd.config import build_config
-    from omniopd.trainer import train
+    from omniopd.training.trainer import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}) for i in range(1, 5)) + "\n")

@@ -151,8 +151,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_models(cfg) -> None:
     """Refuse an unknown ``student.name`` or in-process ``teacher.model`` in one line, before loading anything."""
-    from omniopd.models import check_model_name
-    from omniopd.teacher_config import IN_PROCESS_TEACHER_TYPES
+    from omniopd.config.teachers import IN_PROCESS_TEACHER_TYPES
+    from omniopd.engine.models import check_model_name
 
     check_model_name(cfg.student.name)
     if cfg.teacher.type in IN_PROCESS_TEACHER_TYPES and cfg.teacher.model:
@@ -165,8 +165,8 @@ def _cmd_check_teacher(args) -> int:
     cfg = load_config(args.recipe, args.overrides)
     _check_models(cfg)
     from omniopd.data import load_train_examples
-    from omniopd.models import load_tokenizer
-    from omniopd.preflight import check_teacher, format_check
+    from omniopd.diagnostics.preflight import check_teacher, format_check
+    from omniopd.engine.models import load_tokenizer
     from omniopd.teachers import build_teacher
 
     examples = load_train_examples(
@@ -212,7 +212,7 @@ def _cmd_train(args) -> int:
         raise ConfigError("train needs a recipe YAML (or --resume OUTPUT_DIR)")
     cfg = load_config(recipe, overrides)
     _check_models(cfg)
-    from omniopd.trainer import format_summary, train
+    from omniopd.training.trainer import format_summary, train
 
     summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     if summary:  # empty on the non-main processes of a multi-process run
@@ -247,7 +247,7 @@ def _cmd_eval(args) -> int:
 
         check_isolation(args.insecure_no_isolation)  # before loading a model and generating
     if not args.api:
-        from omniopd.models import check_model_name
+        from omniopd.engine.models import check_model_name
 
         check_model_name(args.model)  # before any model is loaded
     teacher = None
@@ -269,13 +269,13 @@ def _cmd_eval(args) -> int:
         teacher = build_teacher(cfg)
         generator = TeacherGenerator(teacher)
     else:
-        from omniopd.models import load_model
+        from omniopd.engine.models import load_model
 
         model, tok = load_model(args.model)
         generator = HFGenerator(model, tok, args.model)
         if args.engine == "llamacpp":
+            from omniopd.engine.models import gguf_file
             from omniopd.evaluation.llamacpp_generator import LlamaCppGenerator
-            from omniopd.models import gguf_file
 
             template = gguf_file(args.gguf_template or _gguf_template(args.model))
             generator = LlamaCppGenerator.from_model(model, tok, template, args.model, dtype=args.gguf_dtype)
@@ -319,8 +319,8 @@ def _gguf_template(model: str) -> str:
     ``config.yaml`` of the run directory above ``final/``, ``best/`` or a checkpoint)."""
     import yaml
 
+    from omniopd.engine.models import PACKAGED_MODELS
     from omniopd.errors import ConfigError
-    from omniopd.models import PACKAGED_MODELS
 
     if model in PACKAGED_MODELS or model.endswith(".gguf"):
         return model
@@ -347,7 +347,7 @@ def _cmd_estimate(args) -> int:
         raise ConfigError(f"--prompts: must be >= 1 (got {args.prompts})")
     cfg = load_config(args.recipe, args.overrides)
     _check_models(cfg)
-    from omniopd.estimate import estimate, format_estimate
+    from omniopd.diagnostics.estimate import estimate, format_estimate
 
     report = estimate(cfg, prompts=args.prompts, paper=args.paper)
     print(format_estimate(report))
@@ -368,7 +368,7 @@ def _cmd_check_signal(args) -> int:
     for name in args.phi or []:
         if name not in known:
             raise ConfigError(f"--phi: unknown phi '{name}' (known: {', '.join(known)})")
-    from omniopd.signal_check import check_signal, format_signal
+    from omniopd.diagnostics.signal_check import check_signal, format_signal
 
     report = check_signal(cfg, steps=args.steps, phis=args.phi)
     print(format_signal(report))

@@ -11,7 +11,7 @@ the same way, in this process:
   ``eval.limit`` problems of each (None: all), greedy, ``eval.max_new_tokens`` (Wilson 95% interval; on
   the code benchmarks ``humaneval`` and ``mbppplus`` pass@1, graded in the sandbox), and per benchmark the
   paired per-problem difference to ``base`` (normal approximation for paired binary outcomes, see
-  ``omniopd.measures``); the first benchmark's measures are also the top-level ones;
+  ``omniopd.evaluation.measures``); the first benchmark's measures are also the top-level ones;
 - continuous measures per benchmark with 95% intervals. Math: mean per-token log-likelihood of the
   reference solutions (calculator annotations removed, EOS included) under the student; the shares that
   state a final answer, that answer with ``####`` and stop, that loop, that hit the length limit, that
@@ -118,7 +118,7 @@ def run_compare(
         ]
         sig_key = hashlib.sha256(json.dumps(sig_spec, sort_keys=True).encode()).hexdigest()[:16]
         try:
-            from omniopd.signal_check import check_signal
+            from omniopd.diagnostics.signal_check import check_signal
 
             saved = json.loads(sig_path.read_text()) if sig_path.is_file() else {}
             if saved.get("key") == sig_key:
@@ -200,7 +200,7 @@ def run_compare(
 
 def _control_diffs(rows: list[dict], control: str | None) -> None:
     """Per benchmark, each arm's paired difference to the ``control`` arm (``diffs_control``), once it is measured."""
-    from omniopd.measures import paired_difference
+    from omniopd.evaluation.measures import paired_difference
 
     ref = next((r for r in rows if r["name"] == control), None)
     ref_b = ((ref or {}).get("measures") or {}).get("benchmarks") or {}
@@ -217,7 +217,7 @@ def _control_diffs(rows: list[dict], control: str | None) -> None:
 
 def _diffs(rows: list[dict], base_measures: dict | None, first: str | None = None) -> None:
     """Per benchmark, each arm's paired difference to the base arm (``diffs``); ``diff``: the first benchmark's."""
-    from omniopd.measures import paired_difference
+    from omniopd.evaluation.measures import paired_difference
 
     if not base_measures:
         return

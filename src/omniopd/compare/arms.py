@@ -221,7 +221,7 @@ def _final_answer_share(records: list[dict]) -> dict:
     """Share of answers that state a final answer explicitly (``#### x`` or ``\\boxed{x}``), whether or
     not it is right; an answer graded only through its last number does not count."""
     from omniopd.evaluation.mathgrade import extract_answer
-    from omniopd.measures import share
+    from omniopd.evaluation.measures import share
 
     return share([extract_answer(r["output"]).rule in ("hash", "boxed") for r in records])
 
@@ -258,7 +258,7 @@ def _same_config(path: Path, cfg: RunConfig, ignore: tuple[str, ...] = _RUN_CONT
 def _resumable(cfg: RunConfig) -> Path | None:
     """The newest checkpoint of an unfinished arm trained with this config, or None (any other checkpoints,
     written under another config, are removed so the arm trains from the start)."""
-    from omniopd.checkpoint import checkpoint_root, list_checkpoints
+    from omniopd.training.checkpoint import checkpoint_root, list_checkpoints
 
     ckpts = list_checkpoints(Path(cfg.output_dir))
     if ckpts and _same_config(ckpts[-1] / "config.yaml", cfg):
@@ -319,7 +319,7 @@ def train_arm(name: str, cfg: RunConfig, out: Path, *, rerun: bool, keep_checkpo
                 restored = restore_final(parent, out / "logs" / f"{parent.name}.log", env)
             except RuntimeError as err:
                 return {"status": f"failed: {err}", "model": None}
-        from omniopd.checkpoint import checkpoint_root
+        from omniopd.training.checkpoint import checkpoint_root
 
         marker = run_dir / "init_from.json"
         if not marker.is_file() or json.loads(marker.read_text()).get("config_sha256") != mark:

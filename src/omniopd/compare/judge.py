@@ -10,10 +10,10 @@ from typing import Any
 
 from omniopd.compare.arms import _final_answer_share, method_of
 from omniopd.config import WHITE_BOX_TEACHER_TYPES, RunConfig
+from omniopd.config.teachers import flat_layout
 from omniopd.errors import ConfigError
 from omniopd.methods import check_white_box_teacher, teacher_scoring_batch, teacher_tokenizer_differs
 from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F401 - the status of such a row
-from omniopd.teacher_config import flat_layout
 
 MEASURES = [  # (key, column title, kind)
     ("ref_loglik", "ref log-lik/token", "mean"),
@@ -75,8 +75,8 @@ def _examples(spec: str, limit: int | None):
     from omniopd.data import Example, load_examples
 
     if is_code_benchmark(spec):
+        from omniopd.engine.prompts import CODE_INSTRUCTION
         from omniopd.evaluation.code import load_code_tasks
-        from omniopd.prompts import CODE_INSTRUCTION
 
         return [
             Example(t.task_id, t.prompt.strip(), "", reference=_code_program(t), instruction=CODE_INSTRUCTION)
@@ -88,8 +88,8 @@ def _examples(spec: str, limit: int | None):
 def _reference_response(ex) -> str:
     """What the reference log-likelihood scores as the answer: a math solution without its calculator
     annotations, or code in a ```python block (the form the code instruction asks for)."""
-    from omniopd.measures import clean_reference
-    from omniopd.prompts import CODE_INSTRUCTION
+    from omniopd.engine.prompts import CODE_INSTRUCTION
+    from omniopd.evaluation.measures import clean_reference
 
     if ex.instruction == CODE_INSTRUCTION or getattr(ex, "tests", None) is not None:
         return f"```python\n{ex.reference.strip(chr(10)).rstrip()}\n```"
@@ -194,9 +194,9 @@ class Judge:
     def prepare_kl_rollouts(self) -> None:
         import torch
 
-        from omniopd.models import load_model
-        from omniopd.prompts import student_messages
-        from omniopd.rollout import chat_prompts, generate_texts
+        from omniopd.engine.models import load_model
+        from omniopd.engine.prompts import student_messages
+        from omniopd.engine.rollout import chat_prompts, generate_texts
 
         n = self.cfg.compare.kl_rollouts
         note = self._kl_unavailable()
@@ -276,7 +276,7 @@ class Judge:
         if todo or "reverse_kl" not in m:
             import torch
 
-            from omniopd.models import load_model
+            from omniopd.engine.models import load_model
 
             if Path(model_path).name == "final" and not Path(model_path).exists():
                 missing = ", ".join(todo) or "the reverse KL"
@@ -317,8 +317,8 @@ class Judge:
     def _measure_benchmark(self, name: str, bench: str, model, tok) -> dict:
         import torch
 
+        from omniopd.evaluation.measures import ratio_bootstrap, share
         from omniopd.evaluation.runner import evaluate_model
-        from omniopd.measures import ratio_bootstrap, share
 
         t0 = time.perf_counter()
         e = self.cfg.eval
@@ -351,7 +351,7 @@ class Judge:
         }
         if is_code_benchmark(bench):
             from omniopd.evaluation.code import load_code_tasks
-            from omniopd.measures import defines_entry_point, valid_python
+            from omniopd.evaluation.measures import defines_entry_point, valid_python
 
             entry = {t.task_id: t.entry_point for t in load_code_tasks(bench.lower(), limit=e.limit)}
             if bench.lower() == "mbppplus":
@@ -361,12 +361,12 @@ class Judge:
                 [defines_entry_point(r.get("code") or "", entry[r["id"]]) for r in records]
             )
         else:
-            from omniopd.measures import answered_and_stopped, is_short
+            from omniopd.evaluation.measures import answered_and_stopped, is_short
 
             m["final_answer"] = _final_answer_share(records)
             m["answered_stopped"] = share([answered_and_stopped(r["output"], r["finished"]) for r in records])
             m["very_short"] = share([is_short(r["tokens"]) for r in records])
-        from omniopd.measures import loops
+        from omniopd.evaluation.measures import loops
 
         m["loops"] = share([loops(r["output"]) for r in records])
         m["length_limit"] = share([not r["finished"] for r in records])
@@ -379,11 +379,11 @@ class Judge:
     def _ref_loglik(self, model, tok, exs) -> dict:
         """Mean log-probability per token of each example's reference answer (EOS included) after the
         student's prompt (the one evaluation sends); bootstrap over examples."""
-        from omniopd.alignment import response_hidden
         from omniopd.core import token_stats
-        from omniopd.measures import ratio_bootstrap
-        from omniopd.prompts import student_messages
-        from omniopd.rollout import chat_prompts, pack
+        from omniopd.engine.alignment import response_hidden
+        from omniopd.engine.prompts import student_messages
+        from omniopd.engine.rollout import chat_prompts, pack
+        from omniopd.evaluation.measures import ratio_bootstrap
 
         sums, counts = [], []
         mb = max(1, min(8, self.cfg.eval.batch_size))
@@ -402,12 +402,12 @@ class Judge:
         return ratio_bootstrap(sums, counts, samples=self.cfg.compare.bootstrap_samples)
 
     def _reverse_kl(self, model, tok) -> dict:
-        from omniopd.alignment import response_hidden
         from omniopd.core.token_stats import reverse_kl_sliced
-        from omniopd.measures import ratio_bootstrap
-        from omniopd.models import load_model
-        from omniopd.prompts import student_messages
-        from omniopd.rollout import chat_prompts, pack
+        from omniopd.engine.alignment import response_hidden
+        from omniopd.engine.models import load_model
+        from omniopd.engine.prompts import student_messages
+        from omniopd.engine.rollout import chat_prompts, pack
+        from omniopd.evaluation.measures import ratio_bootstrap
 
         if not self.kl_rollouts:
             return {"value": None, "lo": None, "hi": None, "n": 0, "note": self.kl_note or "n/a"}

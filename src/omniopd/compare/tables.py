@@ -191,7 +191,7 @@ def write_tables(
             "|---|---|",
         ]
         L += [f"| {r['name']} | {_fmt((r.get('measures') or {}).get('reverse_kl'))} |" for r in rows]
-    from omniopd import measures as M
+    from omniopd.evaluation import measures as M
 
     kl_notes = [((r.get("measures") or {}).get("reverse_kl") or {}).get("note") for r in rows]
     kl_note = next((n for n in kl_notes if n), None)
@@ -265,7 +265,7 @@ def write_tables(
         ]
     L += ["", "## Signal check (does k_sem carry teacher information?)", ""]
     if signal:
-        from omniopd.signal_check import format_signal
+        from omniopd.diagnostics.signal_check import format_signal
 
         L += ["```", format_signal(signal), "```"]
     else:

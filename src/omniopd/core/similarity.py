@@ -8,7 +8,7 @@
   one empty -> 0.
 
 k_sem(c) = sum_i phi(student_chunk, teacher_continuation_i). The embedding phi of issue 3/6 lives in
-``omniopd.phi_embedding`` because it needs a model; it registers under the same interface.
+``omniopd.methods.omniopd.phi`` because it needs a model; it registers under the same interface.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ from typing import Any
 from omniopd.data import iter_json_rows
 from omniopd.errors import DataError
 from omniopd.evaluation.sandbox import IsolationUnavailable, SandboxLimits, isolation_available, parallel_map
+from omniopd.evaluation.stats import mean_pass_at_k, pass_at_k
 from omniopd.evaluation.verdict import JudgeLimits, judge_run
-from omniopd.stats import mean_pass_at_k, pass_at_k
 
 __all__ = [
     "BENCHMARKS",

@@ -1,7 +1,7 @@
 """Evaluation through llama.cpp (``eval.engine=llamacpp``, ``omniopd eval --engine llamacpp``).
 
 The model's weights are written as a float32 GGUF file with the metadata of the GGUF file the student came from
-(:mod:`omniopd.gguf_export`), and :class:`omniopd.teachers.llamacpp.LlamaCppEngine` decodes every problem's
+(:mod:`omniopd.engine.gguf_export`), and :class:`omniopd.teachers.llamacpp.LlamaCppEngine` decodes every problem's
 answer: up to ``n_parallel`` sequences at once, each with its own cache cells (independent prompts), and a
 finished sequence's slot taken at once by the next problem, its prompt prefilled beside the others' next tokens
 (continuous batching). Greedy is the argmax of the same logits; sampling (temperature > 0) draws
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from omniopd.engine.prompts import student_messages
+from omniopd.engine.rollout import chat_prompts
 from omniopd.evaluation.sample import Sample
-from omniopd.prompts import student_messages
-from omniopd.rollout import chat_prompts
 
 
 class LlamaCppGenerator:
@@ -30,7 +30,7 @@ class LlamaCppGenerator:
     def from_model(
         cls, model, tokenizer, template_gguf: Path, name: str = "model", dtype: str = "f32", **kwargs
     ) -> LlamaCppGenerator:
-        from omniopd.gguf_export import gguf_for
+        from omniopd.engine.gguf_export import gguf_for
 
         return cls(gguf_for(model, template_gguf, dtype), tokenizer, name, **kwargs)
 

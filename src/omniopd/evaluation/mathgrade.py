@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
-from omniopd.stats import wilson_interval  # noqa: F401 - re-exported (runner, compare)
+from omniopd.evaluation.stats import wilson_interval  # noqa: F401 - re-exported (runner, compare)
 
 _HASH = re.compile(r"####\s*([^\n]*)")
 _UNICODE_MINUS = str.maketrans({c: "-" for c in "\u2212\u2013\u2012\ufe63\uff0d"})

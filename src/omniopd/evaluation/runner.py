@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Protocol
 from tqdm.auto import tqdm
 
 from omniopd.data import CODE_BENCHMARKS, CodeTests, Example, is_code_dataset, load_examples
+from omniopd.engine.prompts import CODE_INSTRUCTION, student_messages
+from omniopd.engine.rollout import chat_prompts, generate_texts
 from omniopd.errors import ConfigError
 from omniopd.evaluation.mathgrade import EXTRACTION_RULES, answers_match, extract_answer, wilson_interval
 from omniopd.evaluation.sample import Sample
-from omniopd.prompts import CODE_INSTRUCTION, student_messages
-from omniopd.rollout import chat_prompts, generate_texts
-from omniopd.stats import mean_ci
+from omniopd.evaluation.stats import mean_ci
 
 if TYPE_CHECKING:
     from omniopd.evaluation.code import CodeTask
@@ -356,8 +356,8 @@ def evaluate_model(
     (a packaged name or .gguf path: the GGUF the student came from)."""
     generator: Generator = HFGenerator(model, tokenizer)
     if engine == "llamacpp":
+        from omniopd.engine.models import gguf_file
         from omniopd.evaluation.llamacpp_generator import LlamaCppGenerator
-        from omniopd.models import gguf_file
 
         if gguf_template is None:
             raise ValueError("engine='llamacpp' needs gguf_template: the GGUF file the model came from")

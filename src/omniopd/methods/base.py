@@ -8,7 +8,7 @@ The loop is the same for every method (``trainer.train_step``)::
 
 and the required slots of a :class:`Method` are filled by each method (``omniopd``, ``sft``, ``opd``,
 ``grpo``; the registry is ``omniopd.methods.METHODS``), so neither the trainer nor ``omniopd compare``
-tests a method's name. The step's pipeline (``TrainState.pipeline``, ``omniopd.pipeline``) calls the
+tests a method's name. The step's pipeline (``TrainState.pipeline``, ``omniopd.training.pipeline``) calls the
 ``sample`` and ``audit`` slots: one after the other (the default), or with ``pipeline.mode: one_step`` the
 audit in a worker thread beside the next step's ``sample``; a method's ``teacher_role`` and ``on_policy``
 say whether it can be pipelined (an on-policy method with a text teacher: OmniOPD).
@@ -23,20 +23,20 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Literal, Pro
 
 import torch
 
-from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
 from omniopd.core.losses import LossInputs
 from omniopd.data import Example, PromptStream
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.prompts import student_messages
+from omniopd.engine.rollout import Rollouts, chat_prompts, sample_rollouts_as
 from omniopd.errors import TeacherError
-from omniopd.prompts import student_messages
-from omniopd.rollout import Rollouts, chat_prompts, sample_rollouts_as
 from omniopd.teachers.base import Teacher
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
-    from omniopd.loggers import MetricLoggers
+    from omniopd.training.loggers import MetricLoggers
 
 # What the teacher does for a method (None: no teacher is built):
 # - "text": it writes continuations of the student's prefixes, which the audit compares with the student's
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 TeacherRole = Literal["text", "solutions", "logits"]
 
 
-# --- a step's sampled batch, and the default (on-policy) way to sample and audit it (``omniopd.pipeline``
+# --- a step's sampled batch, and the default (on-policy) way to sample and audit it (``omniopd.training.pipeline``
 # builds the pipelined one on these)
 
 
@@ -75,13 +75,13 @@ def sample_batch(state: TrainState, method: Method, token_stats: bool = False) -
     stream_state = state.stream.state_dict()
     examples = state.stream.next_batch()  # the global batch: every rank advances the stream alike
     if acc.num_processes > 1:
-        from omniopd.distributed import rank_slice
+        from omniopd.training.distributed import rank_slice
 
         examples = rank_slice(examples, acc.process_index, acc.num_processes)
     t0 = time.perf_counter()
     rollouts = method.sample(state, examples)
     if token_stats and (rollouts.entropy is None or rollouts.logprobs is None):
-        from omniopd.audit import student_token_stats
+        from omniopd.methods.omniopd.audit import student_token_stats
 
         t1 = time.perf_counter()
         rollouts.entropy, rollouts.logprobs = student_token_stats(

@@ -12,10 +12,11 @@ from typing import cast
 
 import torch
 
-from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.config import RunConfig
 from omniopd.core import LossInputs, group_advantages, reverse_kl_sliced, token_stats
 from omniopd.data import Example
+from omniopd.engine.alignment import SequenceBatch, response_hidden
+from omniopd.engine.rollout import Rollouts
 from omniopd.methods.base import (
     LossSpec,
     Method,
@@ -25,8 +26,7 @@ from omniopd.methods.base import (
     sample_on_policy,
     sampling_departures,
 )
-from omniopd.rollout import Rollouts
-from omniopd.sharding import in_forward
+from omniopd.training.sharding import in_forward
 
 
 def correctness_reward(

@@ -29,13 +29,14 @@ import time
 
 import torch
 
-from omniopd.alignment import SequenceBatch, response_hidden
 from omniopd.config import OPD_TEACHER_TYPE_ERROR, OPD_TOKENIZER_ERROR, WHITE_BOX_TEACHER_TYPES, RunConfig
 from omniopd.core import LossInputs, reverse_kl_sliced, token_stats
 from omniopd.core.spans import Span, common_spans, span_advantages, token_ends
 from omniopd.data import Example
+from omniopd.engine.alignment import SequenceBatch, response_hidden
+from omniopd.engine.rollout import Rollouts, pack
 from omniopd.errors import ConfigError
-from omniopd.measures import loops
+from omniopd.evaluation.measures import loops
 from omniopd.methods.base import (
     LossSpec,
     Method,
@@ -46,9 +47,8 @@ from omniopd.methods.base import (
     sample_on_policy,
     sampling_departures,
 )
-from omniopd.rollout import Rollouts, pack
-from omniopd.sharding import in_forward
 from omniopd.teachers.base import ContinuationRequest, Teacher
+from omniopd.training.sharding import in_forward
 
 NOT_APPLICABLE = (
     "not applicable: opd.estimator=full needs the teacher's log-probabilities over the student's tokens "
@@ -88,7 +88,7 @@ def teacher_tokenizer_differs(cfg: RunConfig) -> bool:
     """The configured local/privileged teacher's vocabulary differs from the student's, compared as
     :func:`check_white_box_teacher` does; only the two tokenizers are loaded. False for the student's own
     model and for API teachers (they have no vocabulary to compare)."""
-    from omniopd.models import load_tokenizer
+    from omniopd.engine.models import load_tokenizer
 
     t = cfg.teacher
     if t.type not in WHITE_BOX_TEACHER_TYPES or t.model in (None, cfg.student.name):
@@ -152,7 +152,7 @@ def cross_tokenizer_alignment(
     """Per response: the teacher's token ids of the decoded text (and its end-of-turn token when the student's
     response ended on its own), the spans aligning the two tokenizations (None: the teacher's tokenizer does not
     reproduce the text, no advantage), and the metrics of the alignment."""
-    from omniopd.models import eos_token_ids
+    from omniopd.engine.models import eos_token_ids
 
     s_tok, t_tok = student_tokenizer, teacher.tokenizer
     s_eos = set(s_tok.all_special_ids)

@@ -17,16 +17,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from omniopd.alignment import SequenceBatch
 from omniopd.config import RunConfig
 from omniopd.core.losses import LossInputs
 from omniopd.data import Example, PromptStream
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.forward import response_token_stats
+from omniopd.engine.prompts import student_messages
+from omniopd.engine.rollout import Rollouts, chat_prompts, pack
 from omniopd.errors import DataError, TeacherError
-from omniopd.measures import clean_reference
+from omniopd.evaluation.measures import clean_reference
 from omniopd.methods.base import LossSpec, Method, StepSignal, TeacherRole, TrainState
-from omniopd.prompts import student_messages
-from omniopd.rollout import Rollouts, chat_prompts, pack
-from omniopd.sharding import response_token_stats
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
 
@@ -52,8 +52,8 @@ def _example_key(ex: Example) -> str:
 
 
 def sft_cache_path(cfg: RunConfig, teacher: Teacher) -> Path:
-    from omniopd.models import cache_dir
-    from omniopd.prompts import ANSWER_INSTRUCTION
+    from omniopd.engine.models import cache_dir
+    from omniopd.engine.prompts import ANSWER_INSTRUCTION
 
     root = Path(cfg.sft.cache_dir) if cfg.sft.cache_dir else cache_dir() / "sft-solutions"
     spec = {

@@ -8,7 +8,7 @@ Input, all inside the run directory (``OUTPUT_DIR``):
   counted, never fatal. ``teacher/tokens`` and ``teacher/cost_usd`` are per-step amounts and are
   plotted cumulatively.
 - ``audits.jsonl`` (optional): one human-readable audit record per recorded trajectory (see
-  :mod:`omniopd.audit`): the prompt, the student's response and, per audited chunk, the student's
+  :mod:`omniopd.methods.omniopd.audit`): the prompt, the student's response and, per audited chunk, the student's
   text, the N teacher continuations, their phi scores, k_sem, the prior mean p_bar and the target pi_hat.
 - ``config.yaml`` (optional): the resolved config, shown verbatim.
 

@@ -25,8 +25,8 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
     no third copy is loaded."""
     import importlib
 
+    from omniopd.config.teachers import LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
     from omniopd.errors import ConfigError
-    from omniopd.teacher_config import LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
 
     t = cfg.teacher
     if isinstance(t, (LocalTeacherConfig, PrivilegedTeacherConfig)):

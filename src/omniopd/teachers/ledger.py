@@ -16,11 +16,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from omniopd.errors import ConfigError, TeacherError
-from omniopd.stats import percentile
+from omniopd.evaluation.stats import percentile
 from omniopd.teachers.prices import PROVIDER_OF_BACKEND, Prices, resolve_prices
 
 if TYPE_CHECKING:
-    from omniopd.teacher_config import RuntimeOptions
+    from omniopd.config.teachers import RuntimeOptions
 
 
 class BudgetLedger:

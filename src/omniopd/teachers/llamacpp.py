@@ -448,7 +448,7 @@ class LlamaCppTeacher(Teacher):
     ) -> LlamaCppTeacher:
         """The teacher of a packaged name or .gguf path; ``engine_options`` are :class:`LlamaCppEngine`'s
         (n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers, flash_attn)."""
-        from omniopd.models import gguf_file, load_gguf_tokenizer
+        from omniopd.engine.models import gguf_file, load_gguf_tokenizer
 
         path = gguf_file(name)
         engine = LlamaCppEngine(path, **engine_options)

@@ -26,7 +26,7 @@ Each call runs under a forked RNG seeded from the spec, so teacher draws do not 
 sampling stream and a rerun with the same seed reproduces them.
 
 ``compile`` (``auto``/``on``/``off``, the run's ``rollout.compile``) decodes through transformers' static
-cache with a compiled forward (:mod:`omniopd.decoding`). It applies to both prefill modes: with
+cache with a compiled forward (:mod:`omniopd.engine.decoding`). It applies to both prefill modes: with
 ``reuse_prefix`` the prompt is prefilled as above (batched or shared, eagerly, into a dynamic cache) and its
 keys and values are then copied, each row N times, into a static cache that the compiled decode steps
 continue; without it ``generate`` builds the static cache itself. A model whose layers are not all plain full
@@ -42,10 +42,10 @@ import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from omniopd import decoding
-from omniopd.alignment import position_ids
-from omniopd.models import eos_token_ids, load_model
-from omniopd.stats import mix_seed
+from omniopd.engine import decoding
+from omniopd.engine.alignment import position_ids
+from omniopd.engine.models import eos_token_ids, load_model
+from omniopd.evaluation.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.protocols import in_process_prompt
 

@@ -126,7 +126,7 @@ class OpenAICompletionsTeacher(_OpenAIBase):
       model              model name as the server knows it (required)
       base_url           e.g. ``http://127.0.0.1:8000/v1``; None = api.openai.com
       api_key_env        name of the environment variable holding the key [OPENAI_API_KEY]
-      tokenizer          the teacher's tokenizer (a name/path for ``omniopd.models.load_tokenizer`` or a
+      tokenizer          the teacher's tokenizer (a name/path for ``omniopd.engine.models.load_tokenizer`` or a
                          tokenizer object) whose chat template wraps the task; None = plain template
       strip_bos          drop the template's BOS when the server's tokenizer adds one itself [True]
       privileged         show the reference solution to the teacher when a request has one [False]
@@ -151,7 +151,7 @@ class OpenAICompletionsTeacher(_OpenAIBase):
     ) -> None:
         super().__init__(model, **options)
         if isinstance(tokenizer, str):
-            from omniopd.models import load_tokenizer
+            from omniopd.engine.models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)
         self.template_tokenizer = tokenizer

@@ -20,8 +20,8 @@ temperature T". A teacher behind an API honours it with one of three protocols:
                 this one is ours.
 
 Privileged information. With ``privileged=True`` and a request that carries ``reference``, the task is
-phrased by :func:`omniopd.prompts.privileged_messages` (the reference solution is shown to the teacher);
-otherwise by :func:`omniopd.prompts.student_messages`, exactly as the student saw it.
+phrased by :func:`omniopd.engine.prompts.privileged_messages` (the reference solution is shown to the teacher);
+otherwise by :func:`omniopd.engine.prompts.student_messages`, exactly as the student saw it.
 
 Everything here is pure (no I/O): ``*_prompt``/``*_messages`` build exactly what is sent for one request,
 ``*_postprocess`` turn what comes back into text that reads right after ``request.prefix``.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from omniopd.prompts import privileged_messages, student_messages
+from omniopd.engine.prompts import privileged_messages, student_messages
 from omniopd.teachers.base import ContinuationRequest
 
 ProtocolName = Literal["completion", "prefill", "instruct"]

@@ -63,9 +63,9 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from omniopd.config.teachers import RuntimeOptions, option_error
 from omniopd.errors import ConfigError, TeacherError
-from omniopd.stats import mix_seed
-from omniopd.teacher_config import RuntimeOptions, option_error
+from omniopd.evaluation.stats import mix_seed
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.cache import CachedResponse, ResponseCache, cache_key
 from omniopd.teachers.concurrency import ConcurrencyLimit
@@ -84,7 +84,7 @@ LOCAL_DUMMY_KEY = "sk-no-key-required"
 # --------------------------------------------------------------------------------------------------
 
 
-# ``RuntimeOptions`` (omniopd.teacher_config, re-exported here) lists the options every API backend shares,
+# ``RuntimeOptions`` (omniopd.config.teachers, re-exported here) lists the options every API backend shares,
 # with their only defaults and range checks; any backend takes them as keyword arguments. The teacher config
 # of every API type extends that class, so a config passes them on field for field.
 

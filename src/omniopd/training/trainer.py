@@ -2,7 +2,7 @@
 
     examples -> method.sample -> method.audit -> method.backward -> optimizer -> method.accumulate -> log -> eval/save
 
-The first two are the step's pipeline (``omniopd.pipeline``, ``pipeline.mode``): by default the step samples
+The first two are the step's pipeline (``omniopd.training.pipeline``, ``pipeline.mode``): by default the step samples
 its prompts with the current weights and audits them, one after the other (the paper's on-policy setting);
 with ``pipeline.mode: one_step`` (a departure) the audit runs in a worker thread while the next step's
 prompts are sampled, so a step trains on rollouts sampled before the previous update (logged as
@@ -12,15 +12,15 @@ The method is ``METHODS[cfg.method]`` (``omniopd.methods``: the paper's OmniOPD 
 OPD and GRPO, each a :class:`~omniopd.methods.Method` that fills every slot), and setup asks it which
 teacher to build (``method.teacher_role``) and what to prepare; nothing here tests a method's name. The
 reference model for the KL anchor is a frozen copy of the initial student, or with LoRA
-(``lora.rank > 0``) the same network with its adapter disabled (``omniopd.lora``); a local teacher on
+(``lora.rank > 0``) the same network with its adapter disabled (``omniopd.training.lora``); a local teacher on
 the same base model shares it.
 
 Distribution: the loop runs on ``accelerate``. Under ``accelerate launch`` with several processes
 (DDP; ``recipes/accelerate/ddp.yaml``) each rank samples, audits and back-propagates its equal share of
 the step's prompts, the training forward goes through the DDP wrapper so gradients are averaged, the
-per-rank metrics and audit records are combined on the main process (``omniopd.distributed``), and
+per-rank metrics and audit records are combined on the main process (``omniopd.training.distributed``), and
 evaluation, checkpoints and the final model are written once, by the main process. With
-``distributed.strategy: fsdp2`` the student is sharded instead (``omniopd.sharding``: PyTorch FSDP2 per
+``distributed.strategy: fsdp2`` the student is sharded instead (``omniopd.training.sharding``: PyTorch FSDP2 per
 decoder layer and at the root, under ``torchrun`` or ``accelerate launch``): the token statistics run
 inside a forward of the sharded root, every process writes its shards of a checkpoint
 (``torch.distributed.checkpoint``), ``final/`` is gathered whole, and evaluation before and after
@@ -39,8 +39,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from omniopd.alignment import SequenceBatch
-from omniopd.checkpoint import (
+from omniopd.config import RunConfig, dump_config
+from omniopd.core.losses import get_loss
+from omniopd.data import Example, PromptStream, load_train_examples
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.models import load_model
+from omniopd.errors import ConfigError, OmniOPDError, TeacherError
+from omniopd.methods import METHODS, Method, NoTeacher, TrainState
+from omniopd.methods.base import Signal, micro_batches
+from omniopd.teachers import build_teacher
+from omniopd.training.checkpoint import (
     config_differences,
     list_checkpoints,
     load_into,
@@ -50,17 +58,9 @@ from omniopd.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from omniopd.config import RunConfig, dump_config
-from omniopd.core.losses import get_loss
-from omniopd.data import Example, PromptStream, load_train_examples
-from omniopd.errors import ConfigError, OmniOPDError, TeacherError
-from omniopd.methods import METHODS, Method, NoTeacher, TrainState
-from omniopd.methods.base import Signal, micro_batches
-from omniopd.models import load_model
-from omniopd.pipeline import check as check_pipeline
-from omniopd.pipeline import make_pipeline
-from omniopd.sharding import is_sharded
-from omniopd.teachers import build_teacher
+from omniopd.training.pipeline import check as check_pipeline
+from omniopd.training.pipeline import make_pipeline
+from omniopd.training.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
     sharded = _sharded(cfg, accelerator)
     if sharded:  # FSDP2: the student (and a frozen reference copy) sharded over the processes
-        from omniopd.sharding import prepare_sharded
+        from omniopd.training.sharding import prepare_sharded
 
         model, ref_model, teacher = prepare_sharded(
             cfg,
@@ -102,7 +102,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
             ),
         )
     elif cfg.lora.rank:
-        from omniopd.lora import AdapterDisabled, apply_lora
+        from omniopd.training.lora import AdapterDisabled, apply_lora
 
         model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
         ref_model = AdapterDisabled(model)  # the base network, no second copy
@@ -130,7 +130,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
     stream = PromptStream.from_config(cfg, train_examples)
-    from omniopd.loggers import MetricLoggers
+    from omniopd.training.loggers import MetricLoggers
 
     loggers = MetricLoggers(out_dir, cfg.report_to, cfg.model_dump(mode="json"), out_dir.name) if main else None
     state = TrainState(
@@ -316,7 +316,7 @@ def _save_checkpoint(state: TrainState) -> Path:
 
 def preflight(state: TrainState, examples: list[Example]) -> None:
     """Two prefixes through the teacher before any training: warnings are printed and kept in the run dir."""
-    from omniopd.preflight import check_teacher
+    from omniopd.diagnostics.preflight import check_teacher
 
     report = check_teacher(state.cfg, state.teacher, state.tokenizer, examples, num_prefixes=2)
     (state.out_dir / "preflight.json").write_text(json.dumps(report, indent=2))
@@ -357,7 +357,7 @@ def gather_step(
         return metrics, records
     from accelerate.utils import gather_object
 
-    from omniopd.distributed import combine_metrics
+    from omniopd.training.distributed import combine_metrics
 
     per_rank = gather_object([{"metrics": metrics, "records": records, "rank": acc.process_index}])
     per_rank.sort(key=lambda r: r["rank"])
@@ -523,11 +523,11 @@ def save_model(state: TrainState, path: Path) -> Path:
     after training. Only the main process writes."""
     import shutil
 
-    from omniopd.lora import is_lora, merged_copy
+    from omniopd.training.lora import is_lora, merged_copy
 
     model = state.accelerator.unwrap_model(state.model)
     if is_sharded(model):
-        from omniopd.sharding import gathered_state_dict, whole_model
+        from omniopd.training.sharding import gathered_state_dict, whole_model
 
         weights = gathered_state_dict(model)
         if not state.accelerator.is_main_process:

@@ -3,19 +3,20 @@ highest-entropy chunks, asks the text-only teacher for N continuations of the pr
 turns their agreement with the student's chunk (phi) into a smoothed target weight; the loss is the
 weighted chunk log-likelihood plus an exact KL anchor to the reference model on the other tokens.
 
-Its audit can be pipelined (``pipeline.mode: one_step``, ``omniopd.pipeline``; a departure it names): with an
+Its audit can be pipelined (``pipeline.mode: one_step``, ``omniopd.training.pipeline``; a departure it names): with an
 API teacher the audit of step t then runs in a worker thread while step t+1's rollouts are sampled."""
 
 from __future__ import annotations
 
-from omniopd.alignment import SequenceBatch
-from omniopd.audit import AuditResult, phi_by_name, run_audit
 from omniopd.config import RunConfig
 from omniopd.core import LossInputs, token_weights_from_chunks
 from omniopd.data import Example
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.forward import response_token_stats
+from omniopd.engine.rollout import Rollouts
 from omniopd.methods.base import LossSpec, Method, TeacherRole, TrainState, sample_on_policy, sampling_departures
-from omniopd.rollout import Rollouts
-from omniopd.sharding import response_token_stats
+from omniopd.methods.omniopd.audit import AuditResult, run_audit
+from omniopd.methods.omniopd.phi import phi_by_name
 
 
 def prepare(state: TrainState) -> None:

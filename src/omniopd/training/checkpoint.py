@@ -4,12 +4,12 @@ A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` holding the 
 the optimizer and scheduler states, every RNG state (Python, NumPy, torch CPU and CUDA), the prompt
 stream's position, the step, the running totals and the resolved config; a pipelined run's
 (``pipeline.mode: one_step``) also holds the batch it sampled ahead for the next step (``pipeline.pt``,
-``omniopd.pipeline``). It is written into a
+``omniopd.training.pipeline``). It is written into a
 ``.tmp`` sibling and renamed into place only when complete (a rename within a directory is atomic on
 POSIX), so a kill during the write leaves the previous checkpoint intact and the half-written one is
 ignored and cleaned up next time. ``keep_last`` bounds how many are kept.
 
-A sharded run (``distributed.strategy: fsdp2``, ``omniopd.sharding``) writes the weights and the AdamW
+A sharded run (``distributed.strategy: fsdp2``, ``omniopd.training.sharding``) writes the weights and the AdamW
 state with ``torch.distributed.checkpoint`` instead: ``sharded/`` holds one file per process and the
 metadata that places each shard in the whole tensor, so every process writes only what it holds. Every
 process also keeps its own RNG states (``rng-rankR.pt``). Resuming with the same number of processes is
@@ -119,7 +119,7 @@ def save_sharded_checkpoint(
     the main process (rank 0) writes what every rank holds alike and publishes the directory."""
     import torch.distributed.checkpoint as dcp
 
-    from omniopd.sharding import train_state_dict
+    from omniopd.training.sharding import train_state_dict
 
     root = checkpoint_root(out_dir)
     final = root / _STEP_DIR.format(step)
@@ -154,7 +154,7 @@ def load_sharded_into(ckpt: Path, *, model, optimizer, scheduler, rank: int, wor
     Returns whether this rank's RNG states were restored too (only with the same number of processes)."""
     import torch.distributed.checkpoint as dcp
 
-    from omniopd.sharding import set_train_state_dict, train_state_dict
+    from omniopd.training.sharding import set_train_state_dict, train_state_dict
 
     saved_world = int(load_trainer_state(ckpt).get("world_size", 0))
     try:
@@ -202,7 +202,7 @@ def load_into(ckpt: Path, *, model, optimizer, scheduler) -> None:
     from safetensors.torch import load_file
 
     try:
-        from omniopd.lora import is_lora, load_adapter_state
+        from omniopd.training.lora import is_lora, load_adapter_state
 
         if is_lora(model):  # a LoRA run's checkpoint holds the adapter (peft's save_pretrained)
             load_adapter_state(model, load_file(str(ckpt / "adapter_model.safetensors")))

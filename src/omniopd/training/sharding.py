@@ -6,13 +6,13 @@ root, which holds the embeddings, the final norm and the output head) over a one
 processes: gloo on CPU, nccl on CUDA. Each process keeps 1/P of every parameter, of its gradient and
 of the AdamW moments; a layer's full weights exist only while it runs (gathered before, freed after),
 and gradients are reduce-scattered, averaged over the ranks, as the backward pass leaves each layer.
-The data split is the one DDP uses (``omniopd.distributed``): rank r trains on its 1/P of the step's
+The data split is the one DDP uses (``omniopd.training.distributed``): rank r trains on its 1/P of the step's
 prompts, so the step's gradient is the one-process gradient of the whole batch.
 
 Everything that reads the student's weights runs inside a forward of the sharded root, where FSDP's
 hooks have gathered them:
 
-- the token statistics of training and audit (:func:`response_token_stats`, :func:`in_forward`): the
+- the token statistics of training and audit (``engine.forward.response_token_stats``, :func:`in_forward`): the
   decoder, then the output head ``slice_size`` positions at a time (``core.token_stats``: no (B, T, V)
   tensor), run as a registered forward method of the root (``register_fsdp_forward_method``), so the
   root's gathered embedding/head and its gradient reduction are FSDP's own;
@@ -26,7 +26,7 @@ student's own base model cannot be sharded: each rank asks it for its own chunks
 ``generate`` calls per rank, while a sharded model must be called by all ranks together. It therefore
 keeps a whole frozen copy on every rank, and the KL reference shares that copy, as under DDP.
 
-The checkpoints of a sharded run (``omniopd.checkpoint``) are written with ``torch.distributed.checkpoint``
+The checkpoints of a sharded run (``omniopd.training.checkpoint``) are written with ``torch.distributed.checkpoint``
 from :func:`train_state_dict`; ``final/`` is the whole model gathered on the main process
 (:func:`gathered_state_dict`, :func:`whole_model`).
 """
@@ -44,7 +44,7 @@ _IN_FORWARD = "omniopd_in_forward"  # the registered forward method of a sharded
 
 def causal_lm(model):
     """The transformers model inside ``model`` (a peft LoRA model's base model), where the root is sharded."""
-    from omniopd.lora import is_lora
+    from omniopd.training.lora import is_lora
 
     return model.get_base_model() if is_lora(model) else model
 
@@ -104,34 +104,6 @@ def in_forward(model, fn: Callable, *args, **kwargs):
     finally:
         for ref in getattr(root, "_omniopd_references", ()):
             ref.release()
-
-
-def response_token_stats(model, batch, *, ref_model=None, want_entropy: bool = False, slice_size: int = 128):
-    """``core.token_stats`` of ``model`` on ``batch``'s response tokens (log-probs, optionally the entropy,
-    and the KL from ``ref_model`` when one is given), computed from the hidden states in position slices;
-    inside a forward of the sharded root when ``model`` is sharded."""
-    from omniopd.alignment import response_hidden
-    from omniopd.core import token_stats
-    from omniopd.core.token_stats import TokenStats
-
-    def compute():
-        hidden, head = response_hidden(model, batch)
-        ref_hidden = ref_head = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_hidden, ref_head = response_hidden(ref_model, batch)
-        s = token_stats(
-            hidden,
-            head,
-            batch.response_ids,
-            ref_hidden=ref_hidden,
-            ref_head=ref_head,
-            want_entropy=want_entropy,
-            slice_size=slice_size,
-        )
-        return s.logprobs, s.entropy, s.kl_ref_to_student
-
-    return TokenStats(*in_forward(model, compute))
 
 
 class _InForward:
@@ -202,7 +174,7 @@ def prepare_sharded(cfg, model, device, build_teacher: Callable[[Any], Any]):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from omniopd.lora import AdapterDisabled, apply_lora
+    from omniopd.training.lora import AdapterDisabled, apply_lora
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     model.to(device)
@@ -258,11 +230,11 @@ def gathered_state_dict(model) -> dict:
 def whole_model(cfg, state_dict: dict):
     """A plain (unsharded) copy of the student holding ``state_dict``: the model loaded afresh (with LoRA,
     wrapped the same way) and the gathered weights copied in, every key accounted for."""
-    from omniopd.models import load_model
+    from omniopd.engine.models import load_model
 
     model, _ = load_model(cfg.student.name, cfg.student.dtype)
     if cfg.lora.rank:
-        from omniopd.lora import apply_lora
+        from omniopd.training.lora import apply_lora
 
         model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)

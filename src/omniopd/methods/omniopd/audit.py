@@ -6,7 +6,7 @@ its target pi_hat, plus metrics and human-readable audit records (``audits.jsonl
 Fidelity notes, in the order the code enforces them:
 - entropy and log-probs are those of the unmodified distribution each token was drawn from, exact over
   the full vocabulary, fp32: recorded by the rollout while sampling (``token_stats=``, see
-  ``omniopd.rollout``), or else from a fresh no-grad forward of the current student over the finished
+  ``omniopd.engine.rollout``), or else from a fresh no-grad forward of the current student over the finished
   sequences, in position slices (:func:`student_token_stats`). The two agree up to float rounding (the
   sampler's cached incremental forward against one forward over the whole sequence; the weights are the same:
   the audit runs before the step's update);
@@ -23,7 +23,7 @@ target follows p_bar alone.
 Departures (off by default, labelled in the config and in every compare table): ``audit.target:
 centered`` turns the loss weight of each chunk into pi_hat minus the step's mean pi_hat
 (``core.target.centered_targets``; ``targets_B`` keeps pi_hat, ``weights_B`` holds what the loss
-uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.phi_embedding`` so that
+uses); ``audit.phi: embedding`` is resolved here by name from ``omniopd.methods.omniopd.phi`` so that
 ``core`` never imports a model; ``audit.adaptive_n`` asks the teacher in rounds and stops a chunk once
 its Beta posterior is settled (``_teacher_rounds``), so a chunk may be scored on n < N continuations:
 its target is (k + alpha p_bar) / (n + alpha), and its record and the step's metrics carry n
@@ -35,19 +35,18 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
-from omniopd.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text
 from omniopd.config import AuditConfig, TeacherConfig
-from omniopd.core import ANCHOR_SELECTORS, PHI_FUNCTIONS, chunk_prior_mean, dm_target, k_sem
-from omniopd.core.similarity import Phi
+from omniopd.core import ANCHOR_SELECTORS, chunk_prior_mean, dm_target, k_sem
 from omniopd.core.target import centered_targets, posterior_settled, posterior_width
 from omniopd.data import Example
+from omniopd.engine.alignment import SequenceBatch, cut_to_tokens, prefix_and_chunk_text
+from omniopd.engine.forward import response_token_stats
 from omniopd.errors import TeacherError
-from omniopd.sharding import response_token_stats
-from omniopd.stats import mix_seed
+from omniopd.evaluation.stats import mix_seed
+from omniopd.methods.omniopd.phi import phi_by_name
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
 
@@ -63,23 +62,6 @@ class AuditResult:
     @property
     def loss_weights_B(self) -> list[list[float]]:
         return self.targets_B if self.weights_B is None else self.weights_B
-
-
-def _no_prime(texts: list[str]) -> None:
-    pass
-
-
-def phi_by_name(name: str) -> tuple[Phi, Callable[[list[str]], None]]:
-    """phi by its config name, and a hook that embeds a batch of texts ahead of scoring (a no-op for
-    the lexical phis). ``embedding`` loads its model on first use (a departure; see phi_embedding)."""
-    if name in PHI_FUNCTIONS:
-        return PHI_FUNCTIONS[name], _no_prime
-    if name == "embedding":
-        from omniopd.phi_embedding import embedding_phi
-
-        phi = embedding_phi()
-        return phi, phi.prime
-    raise ValueError(f"unknown phi {name!r}; known: {', '.join([*PHI_FUNCTIONS, 'embedding'])}")
 
 
 @torch.no_grad()

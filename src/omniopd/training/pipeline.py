@@ -44,11 +44,11 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from omniopd.alignment import SequenceBatch
 from omniopd.config import API_TEACHER_TYPES, RunConfig
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.rollout import Rollouts
 from omniopd.errors import ConfigError, OmniOPDError
 from omniopd.methods.base import OnPolicy, SampledBatch, sample_batch
-from omniopd.rollout import Rollouts
 
 if TYPE_CHECKING:
     from omniopd.methods.base import Method, TrainState
@@ -156,7 +156,7 @@ class OneStepOffPolicy(OnPolicy):
         examples = stream.next_batch()
         acc = state.accelerator
         if acc.num_processes > 1:
-            from omniopd.distributed import rank_slice
+            from omniopd.training.distributed import rank_slice
 
             examples = rank_slice(examples, acc.process_index, acc.num_processes)
         if [ex.id for ex in examples] != saved["example_ids"]:

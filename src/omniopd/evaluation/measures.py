@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-from omniopd.stats import Z95, paired_difference, ratio_bootstrap, share, wilson_interval  # noqa: F401 - re-exported
+from omniopd.evaluation.stats import Z95, paired_difference, ratio_bootstrap, share, wilson_interval  # noqa: F401 - re-exported
 
 SHORT_TOKENS = 10
 LOOP_WINDOW_CHARS = 120

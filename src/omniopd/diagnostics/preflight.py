@@ -17,9 +17,9 @@ import itertools
 from statistics import mean
 from typing import Any
 
-from omniopd.alignment import cut_to_tokens
 from omniopd.config import RunConfig
 from omniopd.data import Example
+from omniopd.engine.alignment import cut_to_tokens
 from omniopd.errors import TeacherError
 from omniopd.teachers.base import ContinuationRequest, SamplingSpec, Teacher
 
@@ -42,7 +42,7 @@ def check_teacher(
     cfg: RunConfig, teacher: Teacher, student_tokenizer, examples: list[Example], num_prefixes: int = 3
 ) -> dict:
     C, N = cfg.audit.chunk_tokens, cfg.audit.teacher_samples
-    from omniopd.audit import phi_by_name
+    from omniopd.methods.omniopd.phi import phi_by_name
 
     phi = phi_by_name(cfg.audit.phi)[0]
     chosen = examples[:num_prefixes]

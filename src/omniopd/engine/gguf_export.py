@@ -115,7 +115,7 @@ def export_gguf(model, template: Path, out: Path, dtype: str = "f32") -> Path:
 def gguf_for(model, template: Path, dtype: str = "f32") -> Path:
     """The GGUF file llama.cpp runs for ``model``: written once into ``$OMNIOPD_CACHE/gguf-export``, keyed by a hash
     of the weights themselves and the template's name (a model changed in training gets a new file)."""
-    from omniopd.models import cache_dir
+    from omniopd.engine.models import cache_dir
 
     digest = hashlib.sha256(f"{template.name}:{dtype}".encode())
     for name, value in sorted(model.state_dict().items()):

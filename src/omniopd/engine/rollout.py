@@ -6,12 +6,12 @@ temperature shipped with the model) never apply silently. Prompts are left-padde
 right-padded, kept as token ids with a mask that covers the tokens up to and including the first EOS.
 A response that hits ``max_new_tokens`` without EOS is counted as truncated.
 
-While sampling, :class:`omniopd.decoding.RawTokenStats` records the entropy H_t and log p(y_t) of the
+While sampling, :class:`omniopd.engine.decoding.RawTokenStats` records the entropy H_t and log p(y_t) of the
 unmodified distribution (full vocabulary, fp32, before temperature/top_p) at every position, so the audit
 needs no second forward (``Rollouts.entropy``/``Rollouts.logprobs``). If the checkpoint's generation config
 would add a logits processor of its own ahead of the sampling warpers, the rollout records nothing (the
 statistics would not be of the unmodified distribution) and the audit computes them with a forward, as
-before. ``compile`` selects plain or compiled decoding (``rollout.compile``, see :mod:`omniopd.decoding`).
+before. ``compile`` selects plain or compiled decoding (``rollout.compile``, see :mod:`omniopd.engine.decoding`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig
 
-from omniopd import decoding
-from omniopd.alignment import SequenceBatch
-from omniopd.models import eos_token_ids
+from omniopd.engine import decoding
+from omniopd.engine.alignment import SequenceBatch
+from omniopd.engine.models import eos_token_ids
 
 log = logging.getLogger(__name__)
 

