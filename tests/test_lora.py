@@ -100,7 +100,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_merged_model(tiny_dir, tmp_p
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
     assert all("lora_" in n for n in changed), sorted(changed - {n for n in changed if "lora_" in n})[:3]
-    from omniopd.training.trainer import save_final
+    from omniopd.training.resume import save_final
 
     final = save_final(state)
     merged = AutoModelForCausalLM.from_pretrained(final)

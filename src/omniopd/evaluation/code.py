@@ -56,7 +56,9 @@ from typing import Any
 
 from omniopd.data import iter_json_rows
 from omniopd.errors import DataError
-from omniopd.evaluation.sandbox import IsolationUnavailable, SandboxLimits, isolation_available, parallel_map
+from omniopd.evaluation.extract import defines, extract_code, parses, sanitize_code
+from omniopd.evaluation.parallel import parallel_map
+from omniopd.evaluation.sandbox import IsolationUnavailable, SandboxLimits, isolation_available
 from omniopd.evaluation.stats import mean_pass_at_k, pass_at_k
 from omniopd.evaluation.verdict import JudgeLimits, judge_run
 
@@ -119,9 +121,6 @@ DEFAULT_LIMITS = {
         judge=SandboxLimits(timeout=300.0, memory_mb=4096),
     ),
 }
-
-# The official HumanEval stop sequences, applied to a completion that continues the prompt.
-HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
 @dataclass(frozen=True)
@@ -253,155 +252,6 @@ def _task_number(task_id: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# --------------------------------------------------------------------------------------------------
-# Extracting code from a model's answer.
-
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
-_PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
-_CODE_START = re.compile(r"^(?:def |async def |class |import |from \S+ import |@)", re.MULTILINE)
-
-
-def extract_code(answer: str, entry_point: str | None = None, *, sanitize: bool = True) -> str:
-    """The code in a model's answer.
-
-    Drops everything up to the last ``</think>``. With fenced blocks: the Python (or untagged)
-    blocks; when ``sanitize``, each block that parses is reduced to its imports and definitions and
-    the blocks are joined in order (later definitions win), so "example usage" blocks and test calls
-    drop out; when no block defines ``entry_point``, the longest block as is. Without fences: the
-    text itself, if it parses; a continuation of a prompt (an indented body) cut at the HumanEval
-    stop sequences; else the code from its first ``def``/``import`` line, trimmed at the end until it
-    parses.
-    """
-    text = answer
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text)]
-    if blocks:
-        python = [body for tag, body in blocks if tag in _PYTHON_TAGS] or [body for _, body in blocks]
-        if sanitize:
-            parts = [sanitize_code(body) for body in python if _parses(body)]
-            parts = [p for p in parts if p.strip()]
-            joined = "\n\n".join(parts)
-            if parts and (entry_point is None or _defines(joined, entry_point)):
-                return joined.rstrip() + "\n"
-        else:
-            defining = [b for b in python if entry_point is not None and _defines(b, entry_point)]
-            if defining:
-                return defining[-1].rstrip() + "\n"
-        return _strip_blank_lines(max(python, key=len)).rstrip() + "\n"
-    body = _strip_blank_lines(text).rstrip()
-    if not body:
-        return ""
-    if _parses(body):
-        return (sanitize_code(body) if sanitize else body).rstrip() + "\n"
-    if body[:1] in (" ", "\t"):
-        return _cut_at_stops(body).rstrip() + "\n"
-    m = _CODE_START.search(body)
-    if m:
-        lines = body[m.start() :].splitlines()
-        for end in range(len(lines), 0, -1):
-            candidate = "\n".join(lines[:end])
-            if _parses(candidate):
-                return (sanitize_code(candidate) if sanitize else candidate).rstrip() + "\n"
-    return body + "\n"
-
-
-def _strip_blank_lines(text: str) -> str:
-    lines = text.splitlines()
-    while lines and not lines[0].strip():
-        lines.pop(0)
-    return "\n".join(lines)
-
-
-def _cut_at_stops(text: str) -> str:
-    cut = len(text)
-    for stop in HUMANEVAL_STOP:
-        i = text.find(stop)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-def _parses(code: str) -> bool:
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    return True
-
-
-def _defines(code: str, name: str) -> bool:
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
-    return any(
-        isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name for n in tree.body
-    ) or any(
-        isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)
-        for n in tree.body
-    )
-
-
-def _is_setup(node: ast.stmt) -> bool:
-    """``sys.setrecursionlimit(...)``, or ``try: import ...`` (with any fallback)."""
-    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-        func = node.value.func
-        return isinstance(func, ast.Attribute) and func.attr == "setrecursionlimit"
-    if isinstance(node, ast.Try):
-        return bool(node.body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body)
-    return False
-
-
-def sanitize_code(code: str) -> str:
-    """Keep the top-level imports (``try: import ...`` blocks included), function and class
-    definitions, ``sys.setrecursionlimit(...)`` and the assignments the definitions use
-    (``MOD = 10**9 + 7``); drop the rest (tests, prints, ``if __name__ == '__main__'``). Code that does
-    not parse is returned unchanged."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return code
-    lines = code.splitlines()
-    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-    keep: set[int] = set()
-    used: set[str] = set()
-
-    def names_in(node: ast.AST) -> set[str]:
-        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-
-    for i, node in enumerate(tree.body):
-        if isinstance(node, (ast.Import, ast.ImportFrom, *defs)) or _is_setup(node):
-            keep.add(i)
-            if isinstance(node, (*defs, ast.Try)):
-                used |= names_in(node)
-    assigns = {
-        i: node
-        for i, node in enumerate(tree.body)
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(node, "value", None) is not None
-    }
-    changed = True
-    while changed:
-        changed = False
-        for i, node in assigns.items():
-            if i in keep:
-                continue
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            bound = set().union(*(names_in(t) for t in targets))
-            if bound & used and node.value is not None:
-                keep.add(i)
-                used |= names_in(node.value)
-                changed = True
-    out = []
-    for i, node in enumerate(tree.body):
-        if i not in keep:
-            continue
-        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        end = node.end_lineno or node.lineno
-        out.append("\n".join(lines[start - 1 : end]))
-    return "\n\n".join(out) + ("\n" if out else "")
-
-
 # Tasks whose JSON inputs EvalPlus turns back into tuples, sets or complex numbers (by task number).
 _DESERIALIZE: dict[int, str] = {}
 for _kind, _ids in {
@@ -458,11 +308,11 @@ def candidate_program(task: CodeTask, code: str, *, sanitize: bool = True) -> st
     itself (already sanitized by :func:`extract_code`)."""
     if task.benchmark != "humaneval":
         return code
-    if _defines(code, task.entry_point):
+    if defines(code, task.entry_point):
         program = task.prompt.rstrip() + "\n\n\n" + code
     else:
         program = task.prompt + code
-    return sanitize_code(program) if sanitize and _parses(program) else program
+    return sanitize_code(program) if sanitize and parses(program) else program
 
 
 def judge_payload(task: CodeTask, *, min_time_limit: float = MIN_TIME_LIMIT, time_factor: float = TIME_FACTOR) -> dict:
@@ -472,7 +322,7 @@ def judge_payload(task: CodeTask, *, min_time_limit: float = MIN_TIME_LIMIT, tim
             raise ValueError(f"{task.task_id} has no test")
         # the prompt is run for its helper functions (HumanEval/38's encode_cyclic, /32's poly); a prompt
         # that ends in a bare header gets a body so that it runs
-        prompt = next((p for p in (task.prompt, task.prompt.rstrip() + "\n    pass\n") if _parses(p)), "")
+        prompt = next((p for p in (task.prompt, task.prompt.rstrip() + "\n    pass\n") if parses(p)), "")
         return {
             "kind": "asserts",
             "entry_point": task.entry_point,
@@ -620,11 +470,11 @@ def function_under_test(asserts: Sequence[str], reference: str | None = None) ->
     import builtins
 
     defined = None
-    if reference and _parses(reference):
+    if reference and parses(reference):
         defined = {n.name for n in ast.walk(ast.parse(reference)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     counts: dict[str, int] = {}
     for line in asserts:
-        if not _parses(line):
+        if not parses(line):
             continue
         for node in ast.walk(ast.parse(line)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):

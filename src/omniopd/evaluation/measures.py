@@ -69,12 +69,12 @@ def is_short(tokens: int) -> bool:
 
 
 def valid_python(code: str) -> bool:
-    from omniopd.evaluation.code import _parses
+    from omniopd.evaluation.extract import parses
 
-    return bool(code.strip()) and _parses(code)
+    return bool(code.strip()) and parses(code)
 
 
 def defines_entry_point(code: str, entry_point: str) -> bool:
-    from omniopd.evaluation.code import _defines
+    from omniopd.evaluation.extract import defines
 
-    return bool(code.strip()) and _defines(code, entry_point)
+    return bool(code.strip()) and defines(code, entry_point)

@@ -258,7 +258,7 @@ def _grade_own_tests(problems: list[Problem], samples: list[list[Sample]], worke
     """MBPP prompts: an answer is correct when its extracted code passes every one of the prompt's unit tests
     (the same grader as GRPO's code reward, in the isolated judge)."""
     from omniopd.evaluation.code import grade_tests
-    from omniopd.evaluation.sandbox import parallel_map
+    from omniopd.evaluation.parallel import parallel_map
 
     pairs = [(p, j, s) for p, ss in zip(problems, samples, strict=True) for j, s in enumerate(ss)]
 

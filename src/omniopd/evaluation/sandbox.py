@@ -64,13 +64,12 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TypeVar
 
 from omniopd.errors import OmniOPDError
+from omniopd.evaluation.parallel import parallel_map
 from omniopd.evaluation.sandbox_boot import STUB
 
 __all__ = [
@@ -81,9 +80,7 @@ __all__ = [
     "SandboxLimits",
     "SandboxProcess",
     "SandboxResult",
-    "default_workers",
     "isolation_available",
-    "parallel_map",
     "require_isolation",
     "run_many",
     "run_python",
@@ -591,33 +588,7 @@ def _signal_name(signum: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Concurrency.
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def default_workers() -> int:
-    """One worker per CPU core (programs are CPU-bound), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], max_workers: int | None = None) -> list[R]:
-    """``[fn(x) for x in items]`` on at most ``max_workers`` threads, results in input order.
-
-    Threads suffice: each call spends its time waiting on a child process.
-    """
-    items = list(items)
-    workers = max_workers if max_workers is not None else default_workers()
-    if workers < 1:
-        raise ValueError(f"max_workers must be >= 1, got {workers}")
-    if workers == 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="omniopd-sandbox") as pool:
-        return list(pool.map(fn, items))
+# Many programs at once (``evaluation.parallel``).
 
 
 def run_many(

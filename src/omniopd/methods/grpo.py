@@ -66,7 +66,7 @@ def audit(state: TrainState, rollouts: Rollouts, examples: list[Example]) -> Ste
     # the reward is looked up as ``omniopd.methods.correctness_reward`` at every call, so replacing it there
     # (a test's reward that varies within groups) changes what the audit grades with
     import omniopd.methods as package
-    from omniopd.evaluation.sandbox import parallel_map
+    from omniopd.evaluation.parallel import parallel_map
 
     G, cfg = state.cfg.rollout.samples_per_prompt, state.cfg
     # one sequence decodes to one str (transformers types decode's result for a batch as well)

@@ -48,18 +48,9 @@ from omniopd.errors import ConfigError, OmniOPDError, TeacherError
 from omniopd.methods import METHODS, Method, NoTeacher, TrainState
 from omniopd.methods.base import Signal, micro_batches
 from omniopd.teachers import build_teacher
-from omniopd.training.checkpoint import (
-    config_differences,
-    list_checkpoints,
-    load_into,
-    load_pipeline_state,
-    load_sharded_into,
-    load_trainer_state,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
 from omniopd.training.pipeline import check as check_pipeline
 from omniopd.training.pipeline import make_pipeline
+from omniopd.training.resume import checkpoint, find_resume_checkpoint, restore, save_final, save_model
 from omniopd.training.sharding import is_sharded
 
 log = logging.getLogger(__name__)
@@ -192,126 +183,6 @@ def check_distributed(cfg: RunConfig, accelerator) -> None:
             f"optim.prompts_per_step: {cfg.optim.prompts_per_step} prompts cannot be split evenly over {world} "
             f"processes; use a multiple of {world}"
         )
-
-
-def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
-    """The checkpoint to resume from: the newest one when ``resume`` is true or "auto" and one exists."""
-    if not cfg.resume:
-        return None
-    ckpts = list_checkpoints(Path(cfg.output_dir))
-    if not ckpts:
-        if cfg.resume is True:
-            raise OmniOPDError(f"nothing to resume: no checkpoint in {Path(cfg.output_dir) / 'checkpoints'}")
-        return None
-    saved = load_trainer_state(ckpts[-1])
-    import yaml
-
-    try:
-        saved_cfg = yaml.safe_load((ckpts[-1] / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        raise OmniOPDError(f"checkpoint {ckpts[-1]} is corrupt (config.yaml unreadable)") from None
-    from omniopd.config import normalized
-
-    diffs = config_differences(normalized(saved_cfg), cfg.model_dump(mode="json"))
-    if diffs:
-        raise OmniOPDError(
-            f"checkpoint {ckpts[-1]} was written with a different config ({', '.join(diffs[:5])}); resume with the same recipe"
-        )
-    if saved["step"] > cfg.max_steps:
-        raise OmniOPDError(f"checkpoint is at step {saved['step']}, past max_steps={cfg.max_steps}")
-    return ckpts[-1]
-
-
-def restore(state: TrainState, ckpt: Path) -> None:
-    """Continue exactly where ``ckpt`` left off: weights, optimizer, scheduler, RNG, data position, logs."""
-    saved = load_trainer_state(ckpt)
-    acc = state.accelerator
-    own_rng = False  # whether every rank got its own RNG states back
-    if state.cfg.distributed.strategy == "fsdp2":
-        own_rng = load_sharded_into(
-            ckpt,
-            model=acc.unwrap_model(state.model),
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            rank=acc.process_index,
-            world=acc.num_processes,
-        )
-        if not own_rng and acc.is_main_process:
-            tqdm.write(
-                f"omniopd: {ckpt} was written by {saved.get('world_size')} processes, resumed by "
-                f"{acc.num_processes}: weights and optimizer state re-sharded, random streams new"
-            )
-    else:
-        load_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
-    state.step = int(saved["step"])
-    state.last_checkpoint = state.step
-    state.stream.load_state_dict(saved["stream"])
-    state.pipeline.load_state_dict(load_pipeline_state(ckpt), state)  # a pipelined run's batch sampled ahead
-    state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
-    if not own_rng and (acc.num_processes > 1 or state.cfg.distributed.strategy == "fsdp2"):
-        # the checkpoint holds the main rank's RNG (DDP) or another world size's (FSDP2): new streams from the
-        # seed and the step, so no resumed step replays the first step's draws
-        from accelerate.utils import set_seed
-
-        set_seed(state.cfg.seed + 1_000 * state.step, device_specific=True)
-    if not state.accelerator.is_main_process:
-        return
-    # logs written after the checkpoint (by the killed process) are dropped: those steps run again
-    for name in ("metrics.jsonl", "audits.jsonl"):
-        path = state.out_dir / name
-        if path.exists():
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= state.step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by the kill ends the usable log
-            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    tqdm.write(f"omniopd: resumed from {ckpt} (step {state.step})")
-
-
-def checkpoint(state: TrainState) -> Path | None:
-    """Written once, by the main process; every rank waits until it is complete. A sharded run's
-    (``distributed.strategy: fsdp2``) is written by every process, each its own shards."""
-    path = None
-    acc = state.accelerator
-    if state.cfg.distributed.strategy == "fsdp2":
-        path = save_sharded_checkpoint(
-            state.out_dir,
-            state.step,
-            model=acc.unwrap_model(state.model),
-            tokenizer=state.tokenizer,
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            config_yaml=dump_config(state.cfg),
-            trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-            keep_last=state.cfg.checkpoint.keep_last,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            barrier=acc.wait_for_everyone,
-            pipeline_state=state.pipeline.state_dict(),
-        )
-    elif acc.is_main_process:
-        path = _save_checkpoint(state)
-    state.accelerator.wait_for_everyone()
-    state.last_checkpoint = state.step
-    return path
-
-
-def _save_checkpoint(state: TrainState) -> Path:
-    return save_checkpoint(
-        state.out_dir,
-        state.step,
-        model=state.accelerator.unwrap_model(state.model),
-        tokenizer=state.tokenizer,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-        config_yaml=dump_config(state.cfg),
-        trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-        keep_last=state.cfg.checkpoint.keep_last,
-        pipeline_state=state.pipeline.state_dict(),
-    )
 
 
 def preflight(state: TrainState, examples: list[Example]) -> None:
@@ -514,42 +385,6 @@ def eval_phase(state: TrainState) -> dict[str, float]:
     metrics["time/eval_s"] = time.perf_counter() - t0
     state.accelerator.wait_for_everyone()
     return metrics
-
-
-def save_model(state: TrainState, path: Path) -> Path:
-    """``from_pretrained``-loadable copy of the current student, written aside and renamed into place.
-    With LoRA: the merged model, and the adapter alone in ``adapter/``. A sharded student is gathered
-    whole on the main process first (every process must call this then); it is kept for the evaluation
-    after training. Only the main process writes."""
-    import shutil
-
-    from omniopd.training.lora import is_lora, merged_copy
-
-    model = state.accelerator.unwrap_model(state.model)
-    if is_sharded(model):
-        from omniopd.training.sharding import gathered_state_dict, whole_model
-
-        weights = gathered_state_dict(model)
-        if not state.accelerator.is_main_process:
-            return path
-        model = state.extras["whole_model"] = whole_model(state.cfg, weights)
-    elif not state.accelerator.is_main_process:
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_lora(model):
-        merged_copy(model).save_pretrained(tmp, safe_serialization=True)
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-    state.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
-
-
-def save_final(state: TrainState) -> Path:
-    return save_model(state, state.out_dir / "final")
 
 
 def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dict:
