@@ -14,7 +14,10 @@ response that is the sequence-level log-ratio log q_T(text) - log p(text), the s
 estimator's; it differs from it in where the credit lands: a token is credited with its span's ratio, not its
 own (with one tokenizer every span is one token and the two are the same). A response the teacher's tokenizer
 cannot reproduce (``decode(encode(text)) != text``: normalised whitespace, unknown characters) gets no
-advantage and is counted (``opd/unaligned``). Logged: ``opd/spans_per_response``, ``opd/student_tokens_per_span``.
+advantage and is counted (``opd/unaligned``). Logged: ``opd/spans_per_response``, ``opd/student_tokens_per_span``,
+the advantages' ``opd/advantage_mean`` and ``opd/advantage_std``, the teacher's ``time/teacher_forward_s``, and what
+on-policy distillation is known to suffer from: ``opd/loop_frac`` (responses whose tail repeats itself,
+``evaluation.measures.loops``) beside ``rollout/truncated_frac`` (responses that ran to the length limit).
 
 The white-box rule lives here, once: the teacher must be an in-process model (``config.WHITE_BOX_TEACHER_TYPES``;
 the config refuses other types with ``config.OPD_TEACHER_TYPE_ERROR``); with ``opd.estimator=full`` its
