@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from omniopd.config.base import Section as _Section
 from omniopd.config.teachers import (  # noqa: F401 - the teacher names are imported from here too
     API_TEACHER_TYPES,
     TEACHER_TYPES,
@@ -25,7 +26,6 @@ from omniopd.config.teachers import (  # noqa: F401 - the teacher names are impo
     legacy_teacher,
     switch_type,
 )
-from omniopd.config.teachers import Section as _Section
 from omniopd.errors import ConfigError
 
 DEFAULT_STUDENT = "smollm2-135m-instruct"

@@ -36,17 +36,13 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+
+from omniopd.config.base import Section
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER_TYPE = "privileged"
-
-
-class Section(BaseModel):
-    """A config section: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RuntimeOptions(Section):
@@ -179,6 +175,12 @@ class _OpenAITeacher(APITeacherConfig):
 class OpenAICompletionsTeacherConfig(_OpenAITeacher):
     """``/v1/completions``, completion protocol: the raw prefix (vLLM, SGLang, llama.cpp, transformers serve)."""
 
+    backend: ClassVar[tuple[str, str, str]] = (
+        "omniopd.teachers.openai_backend",
+        "OpenAICompletionsTeacher",
+        "openai",
+    )  # module, class, SDK extra
+
     type: Literal["openai-completions"] = "openai-completions"
     tokenizer: str | None = None  # the tokenizer whose chat template frames the prefix; None: a plain template
     strip_bos: bool = True  # drop the template's BOS (the server's tokenizer adds its own)
@@ -187,6 +189,12 @@ class OpenAICompletionsTeacherConfig(_OpenAITeacher):
 
 class OpenAIChatTeacherConfig(_OpenAITeacher):
     """``/v1/chat/completions``, instruct protocol (chat-only APIs)."""
+
+    backend: ClassVar[tuple[str, str, str]] = (
+        "omniopd.teachers.openai_backend",
+        "OpenAIChatTeacher",
+        "openai",
+    )  # module, class, SDK extra
 
     type: Literal["openai-chat"] = "openai-chat"
     max_tokens_factor: float = Field(1.5, gt=0.0)  # room for a preamble that is stripped
@@ -198,6 +206,12 @@ class OpenAIChatTeacherConfig(_OpenAITeacher):
 class AnthropicTeacherConfig(APITeacherConfig):
     """Messages API, prefill protocol (one sample per request)."""
 
+    backend: ClassVar[tuple[str, str, str]] = (
+        "omniopd.teachers.anthropic_backend",
+        "AnthropicTeacher",
+        "anthropic",
+    )  # module, class, SDK extra
+
     type: Literal["anthropic"] = "anthropic"
     api_key_env: str = "ANTHROPIC_API_KEY"
     send_sampling_params: bool = False  # the current API rejects temperature/top_p; True for compatible servers
@@ -206,6 +220,12 @@ class AnthropicTeacherConfig(APITeacherConfig):
 
 class GeminiTeacherConfig(APITeacherConfig):
     """Google GenAI ``generateContent``, instruct protocol."""
+
+    backend: ClassVar[tuple[str, str, str]] = (
+        "omniopd.teachers.gemini_backend",
+        "GeminiTeacher",
+        "gemini",
+    )  # module, class, SDK extra
 
     type: Literal["gemini"] = "gemini"
     api_key_env: str | None = None  # None: GEMINI_API_KEY, then GOOGLE_API_KEY

@@ -1,4 +1,4 @@
-"""Building the configured teacher: the backend table and :func:`build_teacher`."""
+"""Building the configured teacher (:func:`build_teacher`); each API teacher config class names its backend."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from omniopd.teachers.base import Teacher
 
 if TYPE_CHECKING:
     from omniopd.config import RunConfig
-
-API_BACKENDS = {
-    "openai-completions": ("omniopd.teachers.openai_backend", "OpenAICompletionsTeacher", "openai"),
-    "openai-chat": ("omniopd.teachers.openai_backend", "OpenAIChatTeacher", "openai"),
-    "anthropic": ("omniopd.teachers.anthropic_backend", "AnthropicTeacher", "anthropic"),
-    "gemini": ("omniopd.teachers.gemini_backend", "GeminiTeacher", "gemini"),
-}
 
 
 def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Teacher:
@@ -46,7 +39,7 @@ def build_teacher(cfg: "RunConfig", student=None, student_tokenizer=None) -> Tea
 
         options = t.backend_options()
         return LlamaCppTeacher.from_name(t.model or cfg.student.name, **{**options, "cache_path": _cache_path(t)})
-    module_name, class_name, extra = API_BACKENDS[t.type]
+    module_name, class_name, extra = t.backend  # each API teacher config names its backend (config.teachers)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except ImportError as err:
