@@ -188,3 +188,29 @@ def test_malformed_code_rows_are_data_errors(tmp_path):
         assert f"{path}:1:" in str(err.value)
         if message:
             assert message in str(err.value)
+
+
+def test_mbpp_validation_is_evaluated_by_its_own_unit_tests():
+    """``eval --data mbpp:validation``: a code evaluation on prompts no benchmark holds; an answer is right only
+    when every one of the prompt's asserts passes (the reference passes, a wrong or half-right answer fails)."""
+    from omniopd.evaluation import sandbox
+    from omniopd.evaluation.runner import evaluate
+    from omniopd.evaluation.sample import Sample
+
+    if DATA is None or not sandbox.isolation_available()[0]:
+        pytest.skip("needs the shared data folder and the isolated sandbox")
+    problems = load_examples("mbpp:validation", limit=2)
+    assert all(ex.tests is not None and ex.instruction == CODE_INSTRUCTION for ex in problems)
+    first = problems[0].tests.asserts[0]
+    right = f"```python\n{problems[0].reference}\n```"  # the first problem's own reference solution
+
+    class Answers:  # the first problem's solution given to both: it passes its own tests, not the second's
+        name = "fixed answers"
+
+        def generate(self, probs, *, n, max_new_tokens, temperature, batch_size, desc, show_progress):
+            return [[Sample(right, 10, True)], [Sample(right, 10, True)]]
+
+    summary = evaluate(Answers(), "mbpp:validation", limit=2, show_progress=False)
+    assert summary["n"] == 2 and summary["correct"] == 1 and summary["accuracy"] == 0.5
+    assert set(summary["status_counts"]) <= {"passed", "failed", "error"} and summary["status_counts"]["passed"] == 1
+    assert "assert" in first  # what grades it: the prompt's own asserts
