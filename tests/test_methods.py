@@ -11,7 +11,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_llama
 from omniopd import methods
-from omniopd.config import OPD_TOKENIZER_ERROR
+from omniopd.config import OPD_TOKENIZER_ERROR, build_config
 from omniopd.errors import ConfigError
 from omniopd.training.trainer import train
 from test_train_tiny import _cfg, _params
@@ -67,6 +67,18 @@ def test_sft_teacher_solutions_are_cached(tiny_model_dir, gsm8k_like, tmp_path, 
     train(cfg2, progress=False)
     assert not calls  # every solution came from the cache
     assert (tmp_path / "a" / "sft_solutions.jsonl").read_text() == (tmp_path / "b" / "sft_solutions.jsonl").read_text()
+
+
+def test_sft_several_sampled_solutions_per_prompt(tiny_model_dir, gsm8k_like, tmp_path):
+    out = tmp_path / "run"
+    sft = {"source": "teacher", "max_new_tokens": 12, "temperature": 1.0, "solutions_per_prompt": 3}
+    rows, summary = _run(tiny_model_dir, gsm8k_like, out, method="sft", sft=sft)
+    used = [json.loads(line) for line in (out / "sft_solutions.jsonl").read_text().splitlines()]
+    assert len(used) == 4 * 3 and len({u["id"] for u in used}) == 4  # 2 steps x 2 prompts, 3 solutions each
+    assert all(r["teacher/requests"] == 6.0 for r in rows)  # a step trains on every solution of its 2 prompts
+    assert len({u["text"] for u in used}) > 4  # sampled: not one solution repeated
+    with pytest.raises(ConfigError, match="solutions_per_prompt > 1 needs sft.source=teacher and sft.temperature > 0"):
+        build_config({"sft": {"solutions_per_prompt": 2}})
 
 
 @pytest.mark.parametrize("estimator", ["sampled", "full"])
