@@ -375,9 +375,11 @@ def test_exact_kl_opd_with_another_tokenizer_is_not_applicable(tiny_model_dir, g
     assert not (tmp_path / "cmp" / "kl_rollouts.jsonl").exists()
 
 
-def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
-    """A measures file written before there were several benchmarks (no "benchmarks") is the eval.data
-    benchmark's, and listing eval.data in compare.benchmarks does not change the cache key."""
+def test_cached_measures_are_read_without_measuring_again(tiny_model_dir, gsm8k_like, tmp_path, monkeypatch):
+    """Cached measures are read back as written. Their key holds what a measurement depends on and nothing
+    else: listing eval.data in compare.benchmarks, naming a control arm or changing checkpointing leaves it
+    (a field added to the config must not throw every committed measurement away); the evaluation's length,
+    the student or the seed change it."""
     import json
 
     import omniopd.engine.models as models
@@ -388,16 +390,20 @@ def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gs
     recipe["compare"] = {"kl_rollouts": 0, "variants": [{"name": "base", "method": "base"}]}
     cfg = build_config(recipe)
     judge = Judge(cfg, tmp_path / "cmp", progress=False)
-    explicit = Judge(build_config({**recipe, "compare": {**recipe["compare"], "benchmarks": [str(gsm8k_like)]}}), tmp_path / "cmp", False)
+    with_compare = {**recipe["compare"], "benchmarks": [str(gsm8k_like)], "control": "base"}
+    explicit = Judge(build_config({**recipe, "compare": with_compare, "checkpoint": {"every_steps": 2}}), tmp_path / "cmp", False)
     assert judge.benchmarks == [str(gsm8k_like)] and not judge.multi and explicit.spec_key == judge.spec_key
+    for change in ({"eval": {**recipe.get("eval", {}), "max_new_tokens": 7}}, {"seed": 1}, {"student": {"name": "x"}}):
+        assert Judge(build_config({**recipe, **change}), tmp_path / "cmp", False).spec_key != judge.spec_key, change
     share = {"value": 0.5, "lo": 0.1, "hi": 0.9, "n": 3}
-    old = {"accuracy": {"value": 1 / 3, "lo": 0.06, "hi": 0.79, "n": 3}, "correct": [True, False, False], "final_answer": share,
-           "answered_stopped": share, "loops": share, "length_limit": share, "very_short": share, "mean_length": share,
-           "ref_loglik": {"value": -3.0, "lo": -3.5, "hi": -2.5, "n": 3}, "reverse_kl": {"value": None, "n": 0, "note": "n/a"},
-           "eval_wall_s": 12.0}
+    inner = {"accuracy": {"value": 1 / 3, "lo": 0.06, "hi": 0.79, "n": 3}, "correct": [True, False, False],
+             "final_answer": share, "answered_stopped": share, "loops": share, "length_limit": share,
+             "very_short": share, "mean_length": share, "ref_loglik": {"value": -3.0, "lo": -3.5, "hi": -2.5, "n": 3},
+             "eval_wall_s": 12.0}
+    saved = {"benchmarks": {str(gsm8k_like): inner}, "reverse_kl": {"value": None, "n": 0, "note": "n/a"}, "kl_wall_s": 0.0}
     cache = tmp_path / "cmp" / "measures" / "base.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({"key": judge.cache_key(str(tiny_model_dir)), "measures": old}))
+    cache.write_text(json.dumps({"key": judge.cache_key(str(tiny_model_dir)), "measures": saved}))
 
     def refuse(*args, **kwargs):
         raise AssertionError("measured again")
@@ -405,10 +411,11 @@ def test_old_cached_measures_are_read_without_measuring_again(tiny_model_dir, gs
     monkeypatch.setattr(runner, "evaluate_model", refuse)
     monkeypatch.setattr(models, "load_model", refuse)
     m = judge.measure("base", str(tiny_model_dir))
-    assert set(m["benchmarks"]) == {str(gsm8k_like)} and m["benchmarks"][str(gsm8k_like)]["accuracy"] == old["accuracy"]
-    for key in ("accuracy", "correct", "final_answer", "loops", "ref_loglik", "reverse_kl", "eval_wall_s"):
-        assert m[key] == old[key], key
-    assert explicit.measure("base", str(tiny_model_dir))["accuracy"] == old["accuracy"]
+    assert m["benchmarks"][str(gsm8k_like)]["accuracy"] == inner["accuracy"]
+    for key in ("accuracy", "correct", "final_answer", "loops", "ref_loglik", "eval_wall_s"):
+        assert m[key] == inner[key], key
+    assert m["reverse_kl"] == saved["reverse_kl"]
+    assert explicit.measure("base", str(tiny_model_dir))["accuracy"] == inner["accuracy"]
     assert _benchmark_labels(["gsm8k-dev", "/a/train.jsonl", "/b/train.jsonl.gz", "humaneval"]) == {
         "gsm8k-dev": "gsm8k-dev", "/a/train.jsonl": "train", "/b/train.jsonl.gz": "train-2", "humaneval": "humaneval"}
 

@@ -1,4 +1,4 @@
-"""The teacher section: one class per teacher.type, renamed keys refused with their new name, type switching by
+"""The teacher section: one class per teacher.type, keys a type does not use refused, type switching by
 override, saved configs read back, and backends built from the config exactly as their own defaults build them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from omniopd.config import build_config, dump_config, normalized, read_recipe
-from omniopd.config.teachers import RuntimeOptions, flat_layout
+from omniopd.config.teachers import RuntimeOptions
 from omniopd.errors import ConfigError
 from omniopd.teachers import build_teacher
 
@@ -32,16 +32,6 @@ FIELDS = {
     "anthropic": API | {"send_sampling_params", "extra_body"},
     "gemini": API | {"api_version", "max_n_per_request", "send_seed", "send_sampling_params", "thinking_budget"},
 }
-# the flat teacher section every earlier config.yaml holds (written by the previous layout's dump_config)
-OLD_DEFAULT = {
-    "type": "privileged", "model": None, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": None, "batch_size": 32,
-    "reuse_prefix": True, "share_prefixes": False, "dtype": "float32", "privileged": False, "base_url": None,
-    "api_key_env": None, "tokenizer": None, "max_concurrency": 16, "timeout_s": 120.0, "max_retries": 5,
-    "price_input_per_mtok": 0.0, "price_output_per_mtok": 0.0, "max_cost_usd": None, "max_tokens": None,
-    "cache": True, "cache_path": None, "options": {},
-}
-
-
 def teacher(**fields):
     return build_config({"teacher": fields}).teacher
 
@@ -96,15 +86,10 @@ def test_api_fields_are_typed_and_validated_with_one_line():
 # ------------------------------------------------------------------------------------------ removed and unused keys
 
 
-def test_renamed_and_unused_keys_name_the_new_key():
+def test_unused_and_unknown_keys_are_refused_with_one_line():
     api = {"type": "openai-completions", "model": "m"}
-    assert error({"teacher": {**api, "options": {"backoff_base_s": 0.5}}}) == (
-        "teacher.options was removed: teacher.options.backoff_base_s is now teacher.backoff_base_s")
-    assert error(overrides=["teacher.options.dispatch=parallel"]) == (
-        "teacher.options was removed: teacher.options.dispatch is now teacher.dispatch")
-    assert error({"teacher": {**api, "options": {}}}) == (
-        "teacher.options was removed: set each option directly under teacher (e.g. teacher.backoff_base_s)")
-    assert error({"teacher": {**api, "max_tokens": 10}}) == "teacher.max_tokens was renamed to teacher.max_total_tokens"
+    assert error({"teacher": {**api, "options": {"backoff_base_s": 0.5}}}) == "unknown config key 'teacher.options'"
+    assert error({"teacher": {**api, "max_tokens": 10}}) == "unknown config key 'teacher.max_tokens'"
     assert error(overrides=["teacher.type=local", "teacher.base_url=http://x/v1"]) == (
         "teacher.base_url is not used by teacher.type=local")
     assert error({"teacher": {"type": "anthropic", "model": "m", "batch_size": 4}}) == (
@@ -116,11 +101,11 @@ def test_renamed_and_unused_keys_name_the_new_key():
     assert error({"teacher": {"privileged": True}}) == "teacher.privileged is not used by teacher.type=privileged"
 
 
-def test_renamed_key_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+def test_an_unused_key_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     from test_cli_errors import RECIPE, assert_one_line_error, run_cli
 
-    proc = run_cli("train", str(RECIPE), "teacher.options.backoff_base_s=0.5", f"output_dir={tmp_path / 'out'}")
-    assert_one_line_error(proc, "teacher.options was removed: teacher.options.backoff_base_s is now teacher.backoff_base_s")
+    proc = run_cli("train", str(RECIPE), "teacher.base_url=http://x/v1", f"output_dir={tmp_path / 'out'}")
+    assert_one_line_error(proc, "teacher.base_url is not used by teacher.type=privileged")
 
 
 # ------------------------------------------------------------------------------------------ switching type
@@ -164,22 +149,11 @@ def test_dump_config_reads_back_to_the_same_config(fields):
     assert normalized(saved) == cfg.model_dump(mode="json")
 
 
-def test_a_config_saved_in_the_flat_layout_reads_as_the_current_one():
-    assert normalized({"teacher": OLD_DEFAULT}) == build_config().model_dump(mode="json")
-    old_api = {**OLD_DEFAULT, "type": "openai-completions", "model": "m", "max_tokens": 1000, "tokenizer": "tok",
-               "options": {"backoff_base_s": 0.5, "dispatch": "parallel", "max_tokens_factor": 2.0}}
-    want = build_config({"teacher": {"type": "openai-completions", "model": "m", "max_total_tokens": 1000,
-                                      "tokenizer": "tok", "backoff_base_s": 0.5, "dispatch": "parallel",
-                                      "max_tokens_factor": 2.0}})
-    assert normalized({"teacher": old_api}) == want.model_dump(mode="json")
-
-
-def test_the_judge_key_is_computed_in_the_flat_layout():
-    """The compare judge hashes the teacher in the flat layout, so measures cached before stay valid."""
-    assert flat_layout(build_config().teacher) == OLD_DEFAULT
-    t = teacher(type="openai-chat", model="m", max_total_tokens=1000, backoff_base_s=0.5, max_concurrency=8)
-    assert flat_layout(t) == {**OLD_DEFAULT, "type": "openai-chat", "model": "m", "max_tokens": 1000,
-                              "max_concurrency": 8, "options": {"backoff_base_s": 0.5}}
+def test_a_saved_config_missing_newer_fields_reads_at_their_defaults():
+    saved = yaml.safe_load(dump_config(build_config({"teacher": {"type": "anthropic", "model": "m"}})))
+    del saved["teacher"]["max_tokens_factor"], saved["rollout"]["compile"]
+    assert normalized(saved) == build_config({"teacher": {"type": "anthropic", "model": "m"}}).model_dump(mode="json")
+    assert normalized({"nonsense": 1}) == {"nonsense": 1}  # one that no longer validates is returned as is
 
 
 # ------------------------------------------------------------------------------------------ the backends built

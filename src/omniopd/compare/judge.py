@@ -10,7 +10,6 @@ from typing import Any
 
 from omniopd.compare.arms import _final_answer_share, method_of
 from omniopd.config import WHITE_BOX_TEACHER_TYPES, RunConfig
-from omniopd.config.teachers import flat_layout
 from omniopd.errors import ConfigError
 from omniopd.methods import check_white_box_teacher, teacher_scoring_batch, teacher_tokenizer_differs
 from omniopd.methods.opd import NOT_APPLICABLE as NOT_APPLICABLE_OPD  # noqa: F401 - the status of such a row
@@ -105,6 +104,27 @@ def not_applicable(cfg: RunConfig | None) -> str | None:
 # ------------------------------------------------------------------------------------------ measuring
 
 
+# what a measurement depends on: the evaluation settings (not when training evaluates), the measures' own
+# settings, the teacher of the reverse KL (less share_prefixes: where its cache numbers come from, not its outputs),
+# the base student and its rollouts (less rollout.compile: how the same tokens are decoded), the seed. Any other
+# field (compare.control, the variants, checkpointing) does not enter it, so adding one leaves the cache valid.
+_EVAL_NOT_MEASURED = {"before", "after", "every_steps", "benchmarks", "best_metric"}
+_COMPARE_MEASURED = {"kl_rollouts", "loglik_limit", "bootstrap_samples"}
+
+
+def measures_spec_key(cfg: RunConfig) -> str:
+    """The key of everything a cached measurement depends on besides the model (see above)."""
+    spec = {
+        "eval": cfg.eval.model_dump(mode="json", exclude=_EVAL_NOT_MEASURED),
+        "compare": cfg.compare.model_dump(mode="json", include=_COMPARE_MEASURED),
+        "teacher": cfg.teacher.model_dump(mode="json", exclude={"share_prefixes"}),
+        "student": cfg.student.model_dump(mode="json"),
+        "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}),
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Judge:
     """Everything held fixed across arms: the benchmarks and their slices, the reference solutions, the
     KL rollouts, the teacher."""
@@ -126,28 +146,7 @@ class Judge:
         self.loglik_examples = {b: [ex for ex in _examples(b, L) if ex.reference] for b in self.benchmarks}
         self.kl_rollouts: list[dict] = []
         self.kl_note: str | None = None
-        self.spec_key = hashlib.sha256(
-            json.dumps(
-                {
-                    # compare.benchmarks is not in it: the measures are cached per benchmark, the KL rollouts are on eval.data
-                    # eval.engine only where it is not the default hf: measures cached before it existed stay valid
-                    "eval": cfg.eval.model_dump(
-                        mode="json", exclude={"engine", "gguf_dtype"} if cfg.eval.engine == "hf" else None
-                    ),
-                    "compare": cfg.compare.model_dump(mode="json", exclude={"variants", "signal_steps", "benchmarks"}),
-                    # the teacher in the flat layout the key was first hashed in (measures cached then stay valid), less
-                    # share_prefixes: it changes where the teacher's cache numbers come from, not its outputs
-                    "teacher": {k: v for k, v in flat_layout(cfg.teacher).items() if k != "share_prefixes"},
-                    "student": cfg.student.model_dump(
-                        mode="json", exclude={"base_gguf"} if cfg.student.base_gguf is None else None
-                    ),
-                    # less rollout.compile: how the same tokens are decoded, not which
-                    "rollout": cfg.rollout.model_dump(mode="json", exclude={"compile"}),
-                    "seed": cfg.seed,
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:16]
+        self.spec_key = measures_spec_key(cfg)
 
     def measures_for(self, bench: str) -> list[tuple[str, str, str]]:
         """The continuous-measure columns of ``bench`` (the reverse KL among them when there is one benchmark)."""
@@ -234,31 +233,13 @@ class Judge:
     # -- one model
     def cache_key(self, model_path: str) -> str:
         """A trained arm's measures are keyed by its run's summary.json (written once, at the end of its
-        training), so they stay valid where final/ is not kept; the base model by its name."""
+        training), so they stay valid where final/ is not kept; any other model (the base) by its name and, for
+        a directory, its weight files' modification time."""
         summary = Path(model_path).parent / "summary.json"
         if Path(model_path).name == "final" and summary.is_file():
             run = hashlib.sha256(summary.read_bytes()).hexdigest()
             return hashlib.sha256(f"{self.spec_key}:run:{run}".encode()).hexdigest()[:16]
-        return self.legacy_cache_key(model_path)
-
-    def legacy_cache_key(self, model_path: str) -> str:
-        """The key of measures cached before the summary-based key (by the model files' mtime)."""
         return hashlib.sha256(f"{self.spec_key}:{model_path}:{_mtime(model_path)}".encode()).hexdigest()[:16]
-
-    def _from_cache(self, saved: dict, name: str) -> dict:
-        """A cached measures dict in the current form: one written before there were several benchmarks
-        (no "benchmarks") holds the measures of ``eval.data`` and the reverse KL."""
-        m = saved
-        if "benchmarks" in m:
-            return m
-        records_path = self.records_path(name, self.cfg.eval.data)
-        if "final_answer" not in m and records_path.is_file():  # measured before this column existed
-            m["final_answer"] = _final_answer_share([json.loads(x) for x in records_path.read_text().splitlines()])
-        inner = {k: v for k, v in m.items() if k != "reverse_kl"}  # its eval_wall_s: everything, the KL included
-        out = {"benchmarks": {self.cfg.eval.data: inner}, "kl_wall_s": 0.0}
-        if "reverse_kl" in m:
-            out["reverse_kl"] = m["reverse_kl"]
-        return out
 
     def measure(self, name: str, model_path: str) -> dict:
         """The arm's measures: ``benchmarks`` (one dict per benchmark), the first benchmark's also at the
@@ -269,8 +250,8 @@ class Judge:
         m: dict[str, Any] = {"benchmarks": {}}
         if cache.is_file():
             saved = json.loads(cache.read_text())
-            if saved.get("key") in (key, self.legacy_cache_key(model_path)):
-                m = self._from_cache(saved["measures"], name)
+            if saved.get("key") == key:
+                m = saved["measures"]
         todo = [b for b in self.benchmarks if b not in m["benchmarks"]]
         errors: dict[str, str] = {}
         if todo or "reverse_kl" not in m:

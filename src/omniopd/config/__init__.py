@@ -23,7 +23,6 @@ from omniopd.config.teachers import (  # noqa: F401 - the teacher names are impo
     WHITE_BOX_TEACHER_TYPES,
     PrivilegedTeacherConfig,
     TeacherConfig,
-    legacy_teacher,
     switch_type,
 )
 from omniopd.errors import ConfigError
@@ -384,11 +383,6 @@ class RunConfig(_Section):
         return self
 
 
-# top-level keys that no longer exist: a recipe that sets one is refused with this reason; a saved config
-# (a run's or checkpoint's config.yaml) that holds one is read without it (``normalized``)
-REMOVED_KEYS = {"log_every": "every step is logged; the key was never read"}
-
-
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
     parts = [str(p) for p in e["loc"]]
@@ -428,11 +422,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
     merged = apply_overrides(data or {}, overrides or [])
-    removed = [k for k in REMOVED_KEYS if k in merged]
-    if removed:
-        raise ConfigError(
-            f"config key '{removed[0]}' was removed ({REMOVED_KEYS[removed[0]]}); delete it from the recipe"
-        )
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
@@ -502,14 +491,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def normalized(saved: dict[str, Any] | None) -> dict[str, Any]:
     """A saved config (a run's or checkpoint's ``config.yaml``) read through the current schema, so fields
-    added since it was written compare at their defaults and keys removed since (``REMOVED_KEYS``) are dropped;
-    one that no longer validates is returned as is. A teacher section in the flat layout of earlier versions is
-    read in the current one (``teacher_config.legacy_teacher``)."""
-    current = {k: v for k, v in saved.items() if k not in REMOVED_KEYS} if isinstance(saved, dict) else saved
-    if isinstance(current, dict) and "teacher" in current:
-        current = {**current, "teacher": legacy_teacher(current["teacher"])}
+    added since it was written compare at their defaults; one that no longer validates is returned as is."""
     try:
-        return build_config(current or {}).model_dump(mode="json")
+        return build_config(saved or {}).model_dump(mode="json")
     except ConfigError:
         return saved or {}
 

@@ -22,9 +22,7 @@ that backend's keyword arguments with no other change, and a field added to :cla
 every API backend (``teachers.runtime`` reads its options through that class, the only place their defaults
 and ranges are written).
 
-Keys from before this layout are refused with the key that replaced them: ``teacher.options.<x>`` is now
-``teacher.<x>`` and ``teacher.max_tokens`` is ``teacher.max_total_tokens`` (a saved ``config.yaml`` in the old
-layout is converted by :func:`legacy_teacher`). Switching ``teacher.type`` by an override (``teacher.type=
+Switching ``teacher.type`` by an override (``teacher.type=
 privileged`` on a recipe whose teacher is ``local``, or a ``compare`` arm) keeps every field the new type also
 has; a field the old type had and the new one lacks is dropped with a warning naming it (:func:`switch_type`),
 because an override cannot delete a key. A key written beside the type it does not fit (in the same recipe
@@ -254,7 +252,6 @@ API_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c,
 WHITE_BOX_TEACHER_TYPES = tuple(t for t, c in TEACHER_CLASSES.items() if issubclass(c, _InProcessTeacher))
 IN_PROCESS_TEACHER_TYPES = (*WHITE_BOX_TEACHER_TYPES, "llamacpp")  # teacher.model names a model file, not a served one
 _ALL_FIELDS = frozenset(f for c in TEACHER_CLASSES.values() for f in c.model_fields)
-RENAMED = {"max_tokens": "max_total_tokens"}  # old teacher key -> new
 
 
 def _type_of(data: dict[str, Any]) -> Any:
@@ -262,8 +259,8 @@ def _type_of(data: dict[str, Any]) -> Any:
 
 
 def check_keys(data: Any) -> Any:
-    """The ``teacher:`` mapping with its type filled in, or a one-line ``ValueError`` for a key that was renamed
-    or that the chosen type does not use. Runs before the union is validated (a model instance passes as is)."""
+    """The ``teacher:`` mapping with its type filled in, or a one-line ``ValueError`` for a key that the chosen type
+    does not use. Runs before the union is validated (a model instance passes as is)."""
     if not isinstance(data, dict):
         return data
     kind = _type_of(data)
@@ -272,16 +269,6 @@ def check_keys(data: Any) -> Any:
         raise ValueError(f"teacher.type: Input should be {allowed} (got {kind!r})")
     fields = TEACHER_CLASSES[kind].model_fields
     for key in data:
-        if key == "options":
-            inner = data[key]
-            first = next(iter(inner), None) if isinstance(inner, dict) else None
-            if first is not None:
-                raise ValueError(f"teacher.options was removed: teacher.options.{first} is now teacher.{first}")
-            raise ValueError(
-                "teacher.options was removed: set each option directly under teacher (e.g. teacher.backoff_base_s)"
-            )
-        if key in RENAMED:
-            raise ValueError(f"teacher.{key} was renamed to teacher.{RENAMED[key]}")
         if key in _ALL_FIELDS and key not in fields:
             raise ValueError(f"teacher.{key} is not used by teacher.type={kind}")
     return {**data, "type": kind}
@@ -324,73 +311,6 @@ def switch_type(before: Any, after: Any, written: set[str]) -> Any:
         new,
     )
     return {k: v for k, v in after.items() if k not in dropped}
-
-
-def legacy_teacher(saved: Any) -> Any:
-    """A teacher section saved in the flat layout (every field for every type, ``options``, ``max_tokens``) in
-    the current one: ``options`` merged in (they were applied last), renamed keys renamed, and fields its type
-    does not use dropped (they had no effect on the run). Anything else is returned as is."""
-    if not isinstance(saved, dict) or _type_of(saved) not in TEACHER_TYPES:
-        return saved
-    flat = {k: v for k, v in saved.items() if k != "options"}
-    for old, new in RENAMED.items():
-        if old in flat:
-            value = flat.pop(old)
-            flat.setdefault(new, value)
-    if isinstance(saved.get("options"), dict):
-        flat.update(saved["options"])
-    if "options" in saved or "max_tokens" in saved:  # the flat layout itself: its price of 0 meant "no price"
-        flat = {k: v for k, v in flat.items() if not (k in _PRICE_KEYS and v == 0.0)}
-    fields = TEACHER_CLASSES[_type_of(saved)].model_fields
-    # a key its type does not use, or a None that stood for the backend's default (api_key_env)
-    return {k: v for k, v in flat.items() if k in fields and not (v is None and fields[k].default is not None)}
-
-
-_PRICE_KEYS = ("price_input_per_mtok", "price_output_per_mtok")  # now None by default: the price table
-
-
-# The flat layout every teacher type shared before the per-type classes, with its defaults. A cache key hashed
-# from a teacher config (the compare judge's) is computed in this layout, so results cached under it stay valid.
-_FLAT_LAYOUT: dict[str, Any] = {
-    "type": DEFAULT_TEACHER_TYPE,
-    "model": None,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "max_new_tokens": None,
-    "batch_size": 32,
-    "reuse_prefix": True,
-    "share_prefixes": False,
-    "dtype": "float32",
-    "privileged": False,
-    "base_url": None,
-    "api_key_env": None,
-    "tokenizer": None,
-    "max_concurrency": 16,
-    "timeout_s": 120.0,
-    "max_retries": 5,
-    "price_input_per_mtok": 0.0,
-    "price_output_per_mtok": 0.0,
-    "max_cost_usd": None,
-    "max_tokens": None,
-    "cache": True,
-    "cache_path": None,
-    "options": {},
-}
-
-
-def flat_layout(teacher: _TeacherBase) -> dict[str, Any]:
-    """``teacher`` as the flat layout wrote it: each field that layout had (under its old name), at the layout's
-    default where it is at its type's default; any other field that differs from its default under ``options``."""
-    old_name = {new: old for old, new in RENAMED.items()}
-    out: dict[str, Any] = {**_FLAT_LAYOUT, "options": {}}
-    for name, value in teacher.model_dump(mode="json").items():
-        key = old_name.get(name, name)
-        at_default = name != "type" and value == type(teacher).model_fields[name].get_default(call_default_factory=True)
-        if key in _FLAT_LAYOUT and key != "options":
-            out[key] = _FLAT_LAYOUT[key] if at_default else value
-        elif not at_default:
-            out["options"][name] = value
-    return out
 
 
 def option_error(err: ValidationError) -> str:
