@@ -6,8 +6,11 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,report,lora,openai,anthropic,gemini,serve,llamacpp
 # llama-cpp-python compiles llama.cpp (about 4-9 minutes on 2 cores, once: pip caches the wheel). Native CPU
-# flags by default; on a CUDA machine: make install LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON"
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+# flags by default, less AMX: on AMX machines (Intel Sapphire Rapids and later) -march=native compiles ggml's AMX
+# matmul, which segfaults on the first forward pass on some of them (llama.cpp issue 20824); AVX-512 stays on.
+# On a CUDA machine: make install LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON"
+NO_AMX           := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
 PYTEST_ARGS ?=
 
 .PHONY: install demo lint test test-slow report clean
