@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from omniopd.training.loggers import MetricLoggers
+    from omniopd.training.strategy import Replicated
 
 # What the teacher does for a method (None: no teacher is built):
 # - "text": it writes continuations of the student's prefixes, which the audit compares with the student's
@@ -128,6 +129,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: PromptStream
     out_dir: Path
+    strategy: Replicated  # how the student is laid out over the processes (training.strategy: ddp, fsdp2)
     loggers: MetricLoggers | None = None  # the main process's; None on the others
     step: int = 0
     totals: dict[str, float] = field(default_factory=dict)

@@ -12,20 +12,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from omniopd.config import RunConfig, dump_config
+from omniopd.config import RunConfig
 from omniopd.errors import OmniOPDError
 from omniopd.methods import TrainState
-from omniopd.training.checkpoint import (
-    config_differences,
-    list_checkpoints,
-    load_into,
-    load_pipeline_state,
-    load_sharded_into,
-    load_trainer_state,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
-from omniopd.training.sharding import is_sharded
+from omniopd.training.checkpoint import config_differences, list_checkpoints, load_pipeline_state, load_trainer_state
 
 
 def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
@@ -59,30 +49,13 @@ def find_resume_checkpoint(cfg: RunConfig) -> Path | None:
 def restore(state: TrainState, ckpt: Path) -> None:
     """Continue exactly where ``ckpt`` left off: weights, optimizer, scheduler, RNG, data position, logs."""
     saved = load_trainer_state(ckpt)
-    acc = state.accelerator
-    own_rng = False  # whether every rank got its own RNG states back
-    if state.cfg.distributed.strategy == "fsdp2":
-        own_rng = load_sharded_into(
-            ckpt,
-            model=acc.unwrap_model(state.model),
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            rank=acc.process_index,
-            world=acc.num_processes,
-        )
-        if not own_rng and acc.is_main_process:
-            tqdm.write(
-                f"omniopd: {ckpt} was written by {saved.get('world_size')} processes, resumed by "
-                f"{acc.num_processes}: weights and optimizer state re-sharded, random streams new"
-            )
-    else:
-        load_into(ckpt, model=acc.unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler)
+    own_rng = state.strategy.load_checkpoint(state, ckpt, saved)  # whether every rank got its random streams back
     state.step = int(saved["step"])
     state.last_checkpoint = state.step
     state.stream.load_state_dict(saved["stream"])
     state.pipeline.load_state_dict(load_pipeline_state(ckpt), state)  # a pipelined run's batch sampled ahead
     state.totals = {k: float(v) for k, v in saved.get("totals", {}).items()}
-    if not own_rng and (acc.num_processes > 1 or state.cfg.distributed.strategy == "fsdp2"):
+    if not own_rng:
         # the checkpoint holds the main rank's RNG (DDP) or another world size's (FSDP2): new streams from the
         # seed and the step, so no resumed step replays the first step's draws
         from accelerate.utils import set_seed
@@ -106,46 +79,12 @@ def restore(state: TrainState, ckpt: Path) -> None:
 
 
 def checkpoint(state: TrainState) -> Path | None:
-    """Written once, by the main process; every rank waits until it is complete. A sharded run's
-    (``distributed.strategy: fsdp2``) is written by every process, each its own shards."""
-    path = None
-    acc = state.accelerator
-    if state.cfg.distributed.strategy == "fsdp2":
-        path = save_sharded_checkpoint(
-            state.out_dir,
-            state.step,
-            model=acc.unwrap_model(state.model),
-            tokenizer=state.tokenizer,
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            config_yaml=dump_config(state.cfg),
-            trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-            keep_last=state.cfg.checkpoint.keep_last,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            barrier=acc.wait_for_everyone,
-            pipeline_state=state.pipeline.state_dict(),
-        )
-    elif acc.is_main_process:
-        path = _save_checkpoint(state)
+    """Written as the run's strategy writes it (the main process, or every process its shards under FSDP2); every
+    rank waits until it is complete."""
+    path = state.strategy.save_checkpoint(state)
     state.accelerator.wait_for_everyone()
     state.last_checkpoint = state.step
     return path
-
-
-def _save_checkpoint(state: TrainState) -> Path:
-    return save_checkpoint(
-        state.out_dir,
-        state.step,
-        model=state.accelerator.unwrap_model(state.model),
-        tokenizer=state.tokenizer,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-        config_yaml=dump_config(state.cfg),
-        trainer_state={"stream": state.stream.state_dict(), "totals": state.totals},
-        keep_last=state.cfg.checkpoint.keep_last,
-        pipeline_state=state.pipeline.state_dict(),
-    )
 
 
 def save_model(state: TrainState, path: Path) -> Path:
@@ -156,15 +95,8 @@ def save_model(state: TrainState, path: Path) -> Path:
 
     from omniopd.training.lora import is_lora, merged_copy
 
-    model = state.accelerator.unwrap_model(state.model)
-    if is_sharded(model):
-        from omniopd.training.sharding import gathered_state_dict, whole_model
-
-        weights = gathered_state_dict(model)
-        if not state.accelerator.is_main_process:
-            return path
-        model = state.extras["whole_model"] = whole_model(state.cfg, weights)
-    elif not state.accelerator.is_main_process:
+    model = state.strategy.whole_model(state)  # every process calls it: a sharded student is gathered
+    if model is None:  # not the main process
         return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

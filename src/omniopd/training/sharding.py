@@ -155,7 +155,8 @@ class ShardedReference:
         return getattr(self.root, name)
 
 
-def _frozen_copy(model):
+def frozen_copy(model):
+    """A frozen (eval, no gradients) deep copy of ``model``."""
     import copy
 
     ref = copy.deepcopy(model).eval()
@@ -178,7 +179,7 @@ def prepare_sharded(cfg, model, device, build_teacher: Callable[[Any], Any]):
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     model.to(device)
-    whole = _frozen_copy(model)
+    whole = frozen_copy(model)
     teacher = build_teacher(whole)
     teacher_shares = getattr(teacher, "model", None) is whole
     if cfg.lora.rank:

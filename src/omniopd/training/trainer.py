@@ -21,16 +21,14 @@ the step's prompts, the training forward goes through the DDP wrapper so gradien
 per-rank metrics and audit records are combined on the main process (``omniopd.training.distributed``), and
 evaluation, checkpoints and the final model are written once, by the main process. With
 ``distributed.strategy: fsdp2`` the student is sharded instead (``omniopd.training.sharding``: PyTorch FSDP2 per
-decoder layer and at the root, under ``torchrun`` or ``accelerate launch``): the token statistics run
-inside a forward of the sharded root, every process writes its shards of a checkpoint
-(``torch.distributed.checkpoint``), ``final/`` is gathered whole, and evaluation before and after
-training uses whole models (the initial student, ``final/``). accelerate's own FSDP plugin and DeepSpeed
-are refused with a clear message.
+decoder layer and at the root, under ``torchrun`` or ``accelerate launch``). What differs between the two is
+the run's strategy object (``omniopd.training.strategy``: how the student, its reference and the optimizer are
+prepared, how a checkpoint is written and read, how the whole model is had for ``final/`` and evaluation), so
+the loop has no layout branches. accelerate's own FSDP plugin and DeepSpeed are refused with a clear message.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -51,7 +49,7 @@ from omniopd.teachers import build_teacher
 from omniopd.training.pipeline import check as check_pipeline
 from omniopd.training.pipeline import make_pipeline
 from omniopd.training.resume import checkpoint, find_resume_checkpoint, restore, save_final, save_model
-from omniopd.training.sharding import is_sharded
+from omniopd.training.strategy import strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -80,42 +78,14 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     model, tokenizer = load_model(cfg.student.name, cfg.student.dtype)
     method = METHODS[cfg.method]
     teacher_role = method.teacher_role(cfg)  # "text", "solutions", "logits", or None: no teacher is built
-    sharded = _sharded(cfg, accelerator)
-    if sharded:  # FSDP2: the student (and a frozen reference copy) sharded over the processes
-        from omniopd.training.sharding import prepare_sharded
+    strategy = strategy_for(cfg, accelerator)
 
-        model, ref_model, teacher = prepare_sharded(
-            cfg,
-            model,
-            accelerator.device,
-            lambda whole: (
-                build_teacher(cfg, student=whole, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
-            ),
-        )
-    elif cfg.lora.rank:
-        from omniopd.training.lora import AdapterDisabled, apply_lora
+    def make_teacher(ref_model):  # offered the frozen initial student, which a same-model local teacher shares
+        return build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
 
-        model = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-        ref_model = AdapterDisabled(model)  # the base network, no second copy
-    else:
-        ref_model = copy.deepcopy(model).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-    if not sharded:
-        teacher = build_teacher(cfg, student=ref_model, student_tokenizer=tokenizer) if teacher_role else NoTeacher()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
+    model, ref_model, teacher, optimizer, scheduler = strategy.prepare(
+        model, make_teacher, lambda student: build_optimizer(cfg, student)
     )
-    warm = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    if not sharded:  # (a sharded student is placed and wrapped by FSDP2; its optimizer needs no wrapper)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        ref_model.to(accelerator.device)
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +105,7 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
         scheduler,
         stream,
         out_dir,
+        strategy,
         loggers,
         pipeline=make_pipeline(cfg, tokenizer),
     )
@@ -151,14 +122,25 @@ def setup(cfg: RunConfig, overwrite: bool = False) -> TrainState:
     return state
 
 
+def build_optimizer(cfg: RunConfig, model) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters (no weight decay on vectors), with linear warm-up."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+    )
+    warm = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return optimizer, scheduler
+
+
 def _has_accelerator_device() -> bool:
     mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
-
-
-def _sharded(cfg: RunConfig, accelerator) -> bool:
-    return cfg.distributed.strategy == "fsdp2" and accelerator.num_processes > 1
 
 
 def check_distributed(cfg: RunConfig, accelerator) -> None:
@@ -173,7 +155,7 @@ def check_distributed(cfg: RunConfig, accelerator) -> None:
             "(torchrun, or recipes/accelerate/ddp.yaml) and shard the student with distributed.strategy=fsdp2 "
             "(PyTorch FSDP2); DeepSpeed ZeRO-3 and accelerate's FSDP plugin are not supported"
         )
-    if _sharded(cfg, accelerator) and cfg.eval.every_steps:
+    if cfg.distributed.strategy == "fsdp2" and cfg.eval.every_steps:
         raise ConfigError(
             "eval.every_steps: evaluation during training is not available with distributed.strategy=fsdp2 "
             "(the student is whole on no process); set eval.every_steps=0 and evaluate OUTPUT_DIR/final"
@@ -334,11 +316,7 @@ def run_eval(state: TrainState, tag: str, benchmark: str | None = None, progress
 
     e = state.cfg.eval
     benchmark = benchmark or e.data
-    model = state.accelerator.unwrap_model(state.model)
-    if is_sharded(model):  # whole on no process: the student as loaded (before), or as saved to final/ (after)
-        model = state.extras.get("whole_model")
-        model = model if model is not None else load_model(state.cfg.student.name, state.cfg.student.dtype)[0]
-        model.to(state.accelerator.device)
+    model = state.strategy.eval_model(state)
     summary = evaluate_model(
         model,
         state.tokenizer,
@@ -411,7 +389,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> dic
                     # budget reached or too many failed chunks: keep what was learnt so far, then stop (a sharded
                     # student is gathered by every process together, which this one process cannot do alone)
                     state.pipeline.close()
-                    if is_sharded(state.model):
+                    if state.strategy.sharded:
                         state.teacher.close()
                         raise TeacherError(
                             f"{err} (stopped after {state.step} steps; a sharded model is kept only in its "
