@@ -31,11 +31,16 @@ DEFAULT_STUDENT = "smollm2-135m-instruct"
 
 
 class ModelConfig(_Section):
-    name: str = DEFAULT_STUDENT  # HF id, local directory, .gguf file, or a named packaged model
+    name: str = Field(DEFAULT_STUDENT, description="HF id, local directory, .gguf file, or a named packaged model")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # the GGUF file the weights came from (packaged name or .gguf), whose metadata eval.engine=llamacpp writes the
-    # weights with; None: name itself (a compare stage, init_from, sets it to the first stage's student)
-    base_gguf: str | None = None
+    base_gguf: str | None = Field(
+        None,
+        description=(
+            "the GGUF file the weights came from (packaged name or .gguf), whose metadata "
+            "eval.engine=llamacpp writes the weights with; None: name itself (a compare stage, init_from, "
+            "sets it to the first stage's student)"
+        ),
+    )
 
     @property
     def gguf_template(self) -> str:
@@ -67,22 +72,27 @@ class AuditConfig(_Section):
     Every results table of ``omniopd compare`` names the departures a run used.
     """
 
-    chunk_tokens: int = Field(50, gt=0)  # C
-    num_chunks: int = Field(10, ge=0)  # M
-    teacher_samples: int = Field(10, ge=1)  # N
-    phi: Literal["ned", "rouge1", "embedding"] = "ned"  # embedding: a departure (see above)
-    prior_strength: float = Field(1.0, ge=0.0)  # alpha
+    chunk_tokens: int = Field(50, gt=0, description="C: tokens per audited chunk")
+    num_chunks: int = Field(10, ge=0, description="M: most chunks audited per response")
+    teacher_samples: int = Field(10, ge=1, description="N: teacher continuations per chunk")
+    phi: Literal["ned", "rouge1", "embedding"] = Field("ned", description="embedding: a departure (see above)")
+    prior_strength: float = Field(1.0, ge=0.0, description="alpha: the prior's strength in the target")
     anchors: Literal["peak_entropy", "random", "uniform"] = "peak_entropy"
-    max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0)  # stop if a step loses more chunks
-    record_trajectories: int = Field(2, ge=0)  # trajectories per step written to audits.jsonl
-    target: Literal["paper", "centered"] = "paper"  # centered: a departure (see above)
-    adaptive_n: bool = False  # a departure (see above): sample in rounds, stop a chunk once settled
-    adaptive_round: int = Field(2, ge=1)  # continuations per open chunk and round (<= N)
-    adaptive_width: float = Field(0.5, gt=0.0, lt=1.0)  # stop once the 95% posterior interval is narrower
-    # an ablation: every chunk's k_sem is this constant (0 <= k <= N) and no teacher is asked, so
-    # pi_hat = (k + alpha p_bar) / (N + alpha) follows the student's own p_bar alone: what the update does
-    # without the teacher's knowledge. None: the teacher's continuations (the method)
-    constant_k: float | None = Field(None, ge=0.0)
+    max_failed_chunk_frac: float = Field(0.5, ge=0.0, le=1.0, description="stop if a step loses more chunks")
+    record_trajectories: int = Field(2, ge=0, description="trajectories per step written to audits.jsonl")
+    target: Literal["paper", "centered"] = Field("paper", description="centered: a departure (see above)")
+    adaptive_n: bool = Field(False, description="a departure (see above): sample in rounds, stop a chunk once settled")
+    adaptive_round: int = Field(2, ge=1, description="continuations per open chunk and round (<= N)")
+    adaptive_width: float = Field(0.5, gt=0.0, lt=1.0, description="stop once the 95% posterior interval is narrower")
+    constant_k: float | None = Field(
+        None,
+        ge=0.0,
+        description=(
+            "an ablation: every chunk's k_sem is this constant (0 <= k <= N) and no teacher is asked, so "
+            "pi_hat = (k + alpha p_bar) / (N + alpha) follows the student's own p_bar alone: what the update "
+            "does without the teacher's knowledge. None: the teacher's continuations (the method)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _adaptive_checks(self) -> "AuditConfig":
@@ -110,10 +120,15 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(16, gt=0)  # sequences per generate call
-    # decoding with a static KV cache and a compiled forward (omniopd.engine.decoding): auto = on CUDA, on = on any
-    # device, off = never; the plain path is the fallback when compiling is unavailable or fails
-    compile: Literal["auto", "on", "off"] = "auto"
+    batch_size: int = Field(16, gt=0, description="sequences per generate call")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "decoding with a static KV cache and a compiled forward (omniopd.engine.decoding): auto = on "
+            "CUDA, on = on any device, off = never; the plain path is the fallback when compiling is "
+            "unavailable or fails"
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -125,8 +140,8 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    kl_anchor_coef: float = Field(0.1, ge=0.0)  # beta
-    slice_size: int = Field(128, gt=0)  # positions per logits slice (memory, not math)
+    kl_anchor_coef: float = Field(0.1, ge=0.0, description="beta: the KL anchor's weight on unaudited tokens")
+    slice_size: int = Field(128, gt=0, description="positions per logits slice (memory, not math)")
 
 
 class OptimConfig(_Section):
@@ -136,31 +151,46 @@ class OptimConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     prompts_per_step: int = Field(4, ge=1)
-    micro_batch_size: int = Field(4, ge=1)  # trajectories per forward/backward
+    micro_batch_size: int = Field(4, ge=1, description="trajectories per forward/backward")
 
 
 class DataConfig(_Section):
-    train: str = "gsm8k-train"  # a named set (gsm8k-train, mbpp, mbpp:<split>+<split>, ...) or a .jsonl path
+    train: str = Field(
+        "gsm8k-train", description="a named set (gsm8k-train, mbpp, mbpp:<split>+<split>, ...) or a .jsonl path"
+    )
     shuffle: bool = True
-    allow_eval_overlap: bool = False  # train even on task ids an evaluation set holds (MBPP+, HumanEval)
+    allow_eval_overlap: bool = Field(
+        False, description="train even on task ids an evaluation set holds (MBPP+, HumanEval)"
+    )
 
 
 class EvalConfig(_Section):
-    data: str = "gsm8k-dev"  # the benchmark of the before/after evaluations
+    data: str = Field("gsm8k-dev", description="the benchmark of the before/after evaluations")
     limit: int | None = Field(100, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(16, gt=0)
     before: bool = True
     after: bool = True
-    every_steps: int = Field(0, ge=0)  # also evaluate during training (0: never)
-    benchmarks: list[str] = Field(default_factory=list)  # during training; empty: [data]
-    best_metric: str | None = None  # e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it
-    # grade code without the isolated sandbox (model-written code can then read files and their answers)
-    insecure_no_isolation: bool = False
-    # what decodes the answers: hf (transformers' generate) or llamacpp (the weights written as a GGUF with the
-    # student's GGUF metadata, decoded by llama.cpp; needs a GGUF student: a packaged name or a .gguf path)
-    engine: Literal["hf", "llamacpp"] = "hf"
-    gguf_dtype: Literal["f32", "bf16"] = "f32"  # llamacpp: the weights as written (f32 exact, bf16 rounded, faster)
+    every_steps: int = Field(0, ge=0, description="also evaluate during training (0: never)")
+    benchmarks: list[str] = Field(default_factory=list, description="during training; empty: [data]")
+    best_metric: str | None = Field(None, description='e.g. "eval/gsm8k-dev/accuracy": keep OUTPUT_DIR/best/ by it')
+    insecure_no_isolation: bool = Field(
+        False,
+        description=(
+            "grade code without the isolated sandbox (model-written code can then read files and their answers)"
+        ),
+    )
+    engine: Literal["hf", "llamacpp"] = Field(
+        "hf",
+        description=(
+            "what decodes the answers: hf (transformers' generate) or llamacpp (the weights written as a GGUF"
+            " with the student's GGUF metadata, decoded by llama.cpp; needs a GGUF student: a packaged name "
+            "or a .gguf path)"
+        ),
+    )
+    gguf_dtype: Literal["f32", "bf16"] = Field(
+        "f32", description="llamacpp: the weights as written (f32 exact, bf16 rounded, faster)"
+    )
 
 
 class LoraConfig(_Section):
@@ -173,13 +203,15 @@ class LoraConfig(_Section):
     The model runs in eval mode (the loss assumes the sampling distribution), so LoRA dropout is off.
     """
 
-    rank: int = Field(0, ge=0)  # r; 0 = full fine-tuning
-    alpha: float = Field(32.0, gt=0.0)  # scaling alpha / r
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # peft names; all-linear skips the output head
+    rank: int = Field(0, ge=0, description="r; 0 = full fine-tuning")
+    alpha: float = Field(32.0, gt=0.0, description="scaling alpha / r")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="peft names; all-linear skips the output head"
+    )
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
+    every_steps: int = Field(0, ge=0, description="0: only at the end of the run")
     keep_last: int = Field(2, ge=1)
 
 
@@ -249,12 +281,19 @@ class SFTConfig(_Section):
 
     source: Literal["teacher", "reference"] = "teacher"
     max_new_tokens: int = Field(
-        256, gt=0
-    )  # teacher-written solution length (teacher tokens; student tokens cut there too)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)  # 0: greedy, the teacher's best single solution
-    # teacher solutions per prompt (> 1 needs temperature > 0): a step trains on every solution of its prompts,
-    # so teacher tokens and compute grow k-fold (a continued SFT stage given a second stage's teacher budget)
-    solutions_per_prompt: int = Field(1, ge=1, le=64)
+        256, gt=0, description="teacher-written solution length (teacher tokens; student tokens cut there too)"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy, the teacher's best single solution")
+    solutions_per_prompt: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "teacher solutions per prompt (> 1 needs temperature > 0): a step trains on every solution of its"
+            " prompts, so teacher tokens and compute grow k-fold (a continued SFT stage given a second "
+            "stage's teacher budget)"
+        ),
+    )
     cache_dir: str | None = None
 
     @model_validator(mode="after")
@@ -286,11 +325,18 @@ class GRPOConfig(_Section):
     bind (as with TRL's default num_iterations=1); it is kept so a run states it."""
 
     clip_eps: float = Field(0.2, ge=0.0)
-    kl_coef: float = Field(0.0, ge=0.0)  # exact KL(p_theta || p_ref) per token; 0: off
-    normalize_std: bool = True  # divide advantages by the group's std (DeepSeekMath); False: Dr. GRPO
-    # code prompts (an example with unit tests): the reward is the share of its tests the answer passes
-    # ("fraction", partial credit) or 1 only when all pass ("all"); graded in the isolated sandbox
-    code_reward: Literal["fraction", "all"] = "fraction"
+    kl_coef: float = Field(0.0, ge=0.0, description="exact KL(p_theta || p_ref) per token; 0: off")
+    normalize_std: bool = Field(
+        True, description="divide advantages by the group's std (DeepSeekMath); False: Dr. GRPO"
+    )
+    code_reward: Literal["fraction", "all"] = Field(
+        "fraction",
+        description=(
+            "code prompts (an example with unit tests): the reward is the share of its tests the answer "
+            'passes ("fraction", partial credit) or 1 only when all pass ("all"); graded in the isolated '
+            "sandbox"
+        ),
+    )
 
 
 class CompareVariant(_Section):
@@ -300,9 +346,13 @@ class CompareVariant(_Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: Literal["base", "omniopd", "sft", "opd", "grpo"]
     overrides: dict[str, Any] = Field(default_factory=dict)
-    # a second stage: the arm starts from this earlier arm's final weights (its student, and the KL anchor's
-    # reference, are those weights); None: from the recipe's student
-    init_from: str | None = None
+    init_from: str | None = Field(
+        None,
+        description=(
+            "a second stage: the arm starts from this earlier arm's final weights (its student, and the KL "
+            "anchor's reference, are those weights); None: from the recipe's student"
+        ),
+    )
 
 
 class CompareConfig(_Section):
@@ -311,18 +361,29 @@ class CompareConfig(_Section):
     the first ``eval.limit`` problems of each, greedy."""
 
     variants: list[CompareVariant] = Field(default_factory=list)
-    # benchmarks every arm is measured on (math sets, or the code sets humaneval / mbppplus); empty: [eval.data].
-    # The first one's measures also fill the top-level columns; the reverse KL is on eval.data whatever this says.
-    benchmarks: list[str] = Field(default_factory=list)
-    # a second reference arm (the fair control of a second stage, e.g. sft-sft): every arm also gets its paired
-    # difference to it, per benchmark; None: only the difference to base
-    control: str | None = None
-    kl_rollouts: int = Field(32, ge=0)  # held-out base-student rollouts for the reverse KL to the teacher; 0: skip
-    loglik_limit: int | None = Field(None, gt=0)  # reference solutions scored (None: the eval slice)
-    signal_steps: int = Field(2, ge=0)  # check-signal batches per phi used by omniopd variants; 0: skip
-    bootstrap_samples: int = Field(2000, ge=100)  # for the intervals of token-weighted means
-    keep_checkpoints: bool = (
-        False  # False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "benchmarks every arm is measured on (math sets, or the code sets humaneval / mbppplus); empty: "
+            "[eval.data]. The first one's measures also fill the top-level columns; the reverse KL is on "
+            "eval.data whatever this says."
+        ),
+    )
+    control: str | None = Field(
+        None,
+        description=(
+            "a second reference arm (the fair control of a second stage, e.g. sft-sft): every arm also gets "
+            "its paired difference to it, per benchmark; None: only the difference to base"
+        ),
+    )
+    kl_rollouts: int = Field(
+        32, ge=0, description="held-out base-student rollouts for the reverse KL to the teacher; 0: skip"
+    )
+    loglik_limit: int | None = Field(None, gt=0, description="reference solutions scored (None: the eval slice)")
+    signal_steps: int = Field(2, ge=0, description="check-signal batches per phi used by omniopd variants; 0: skip")
+    bootstrap_samples: int = Field(2000, ge=100, description="for the intervals of token-weighted means")
+    keep_checkpoints: bool = Field(
+        False, description="False: a finished arm keeps final/ only (a 135M checkpoint with Adam state is ~1.6 GB)"
     )
 
     @model_validator(mode="after")
@@ -341,12 +402,19 @@ class CompareConfig(_Section):
 class RunConfig(_Section):
     method: Literal["omniopd", "sft", "opd", "grpo"] = "omniopd"
     output_dir: str = "runs/omniopd"
-    resume: bool | Literal["auto"] = False  # auto: continue from output_dir's last checkpoint if there is one
+    resume: bool | Literal["auto"] = Field(
+        False, description="auto: continue from output_dir's last checkpoint if there is one"
+    )
     seed: int = 0
-    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = ["jsonl"]  # pydantic copies it per instance
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = Field(
+        ["jsonl"],  # pydantic copies a default per instance
+        description="where step metrics go besides the progress bar (metrics.jsonl is always written)",
+    )
     max_steps: int = Field(10, ge=0)
     student: ModelConfig = ModelConfig()
-    teacher: TeacherConfig = PrivilegedTeacherConfig()  # one class per teacher.type (omniopd.config.teachers)
+    teacher: TeacherConfig = Field(
+        PrivilegedTeacherConfig(), description="one class per teacher.type (omniopd.config.teachers)"
+    )
     audit: AuditConfig = AuditConfig()
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
@@ -355,7 +423,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
-    pipeline: PipelineConfig = PipelineConfig()  # off: on-policy; one_step: the teacher overlapped
+    pipeline: PipelineConfig = Field(PipelineConfig(), description="off: on-policy; one_step: the teacher overlapped")
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     opd: OPDConfig = OPDConfig()

@@ -46,28 +46,52 @@ DEFAULT_TEACHER_TYPE = "privileged"
 class RuntimeOptions(Section):
     """What every API backend shares (``teachers.runtime``); pass them as keyword arguments to any backend."""
 
-    max_concurrency: int = Field(16, ge=1)  # HTTP requests in flight at once, across all trajectories (the ceiling)
-    adaptive_concurrency: bool = True  # shrink the requests in flight on timeouts/429s/slow answers, grow them back
-    min_concurrency: int = Field(1, ge=1)  # the adaptive limit's floor (and where it starts)
-    timeout_s: float = Field(120.0, gt=0.0)  # per request; a timeout is retried
-    max_retries: int = Field(5, ge=0)  # retries after the first attempt; then the request fails with ``error``
-    backoff_base_s: float = Field(1.0, ge=0.0)  # first backoff; doubles each retry, jittered to [d/2, d]
-    backoff_max_s: float = Field(60.0, ge=0.0)  # backoff ceiling
-    max_retry_after_s: float = Field(300.0, ge=0.0)  # ceiling on a server's Retry-After
-    max_topup_rounds: int = Field(2, ge=0)  # rounds of one-sample top-ups when a server returns fewer than n
-    dispatch: Literal["warm_first", "sequential", "parallel"] = "warm_first"  # order of one trajectory's requests
+    max_concurrency: int = Field(
+        16, ge=1, description="HTTP requests in flight at once, across all trajectories (the ceiling)"
+    )
+    adaptive_concurrency: bool = Field(
+        True, description="shrink the requests in flight on timeouts/429s/slow answers, grow them back"
+    )
+    min_concurrency: int = Field(1, ge=1, description="the adaptive limit's floor (and where it starts)")
+    timeout_s: float = Field(120.0, gt=0.0, description="per request; a timeout is retried")
+    max_retries: int = Field(
+        5, ge=0, description="retries after the first attempt; then the request fails with ``error``"
+    )
+    backoff_base_s: float = Field(1.0, ge=0.0, description="first backoff; doubles each retry, jittered to [d/2, d]")
+    backoff_max_s: float = Field(60.0, ge=0.0, description="backoff ceiling")
+    max_retry_after_s: float = Field(300.0, ge=0.0, description="ceiling on a server's Retry-After")
+    max_topup_rounds: int = Field(
+        2, ge=0, description="rounds of one-sample top-ups when a server returns fewer than n"
+    )
+    dispatch: Literal["warm_first", "sequential", "parallel"] = Field(
+        "warm_first", description="order of one trajectory's requests"
+    )
     # USD per million tokens, for teacher/cost_usd and max_cost_usd; None: the price table (teachers.prices) for a
     # known model, else 0 (input/output) or the input price times the provider's cache multiplier (cached/write)
-    price_input_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens billed in full
-    price_output_per_mtok: float | None = Field(None, ge=0.0)  # generated tokens
-    price_cached_input_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens read from the provider's cache
-    price_cache_write_per_mtok: float | None = Field(None, ge=0.0)  # prompt tokens written to it (Anthropic: 1.25x)
-    prompt_cache: bool = True  # shape requests for the provider's prompt cache (teachers.prompt_cache)
-    prompt_cache_min_tokens: int | None = Field(None, ge=1)  # the shortest prefix the provider caches (where
-    # Anthropic breakpoints go; what `omniopd estimate` assumes); None: the model's documented one (teachers.prices)
-    max_cost_usd: float | None = Field(None, gt=0.0)  # stop the run cleanly once the estimated cost reaches this
-    max_total_tokens: int | None = Field(None, gt=0)  # stop once input+output teacher tokens reach this
-    cache_path: str | None = None  # the SQLite response cache file; None: no cache
+    price_input_per_mtok: float | None = Field(None, ge=0.0, description="prompt tokens billed in full")
+    price_output_per_mtok: float | None = Field(None, ge=0.0, description="generated tokens")
+    price_cached_input_per_mtok: float | None = Field(
+        None, ge=0.0, description="prompt tokens read from the provider's cache"
+    )
+    price_cache_write_per_mtok: float | None = Field(
+        None, ge=0.0, description="prompt tokens written to it (Anthropic: 1.25x)"
+    )
+    prompt_cache: bool = Field(
+        True, description="shape requests for the provider's prompt cache (teachers.prompt_cache)"
+    )
+    prompt_cache_min_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "the shortest prefix the provider caches (where Anthropic breakpoints go; what `omniopd estimate`"
+            " assumes); None: the model's documented one (teachers.prices)"
+        ),
+    )
+    max_cost_usd: float | None = Field(
+        None, gt=0.0, description="stop the run cleanly once the estimated cost reaches this"
+    )
+    max_total_tokens: int | None = Field(None, gt=0, description="stop once input+output teacher tokens reach this")
+    cache_path: str | None = Field(None, description="the SQLite response cache file; None: no cache")
 
     @model_validator(mode="after")
     def _concurrency_range(self) -> RuntimeOptions:
@@ -86,10 +110,12 @@ class _TeacherBase(Section):
     run_fields: ClassVar[frozenset[str]] = frozenset({"type", "temperature", "top_p", "max_new_tokens"})
 
     type: str
-    model: str | None = None  # local: None = the student's own base model; API: the served model name
+    model: str | None = Field(
+        None, description="local: None = the student's own base model; API: the served model name"
+    )
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int | None = Field(None, gt=0)  # None: audit.chunk_tokens teacher tokens
+    max_new_tokens: int | None = Field(None, gt=0, description="None: audit.chunk_tokens teacher tokens")
 
     def backend_options(self) -> dict[str, Any]:
         """The backend's keyword arguments: every field but ``run_fields``, by name."""
@@ -101,9 +127,11 @@ class _InProcessTeacher(_TeacherBase):
 
     run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"model"}  # the factory resolves the model
 
-    batch_size: int = Field(32, gt=0)  # sequences per teacher generate call
-    reuse_prefix: bool = True  # one prefill shared by the N samples of a chunk
-    share_prefixes: bool = False  # also share prefill across the nested prompts of a generate call (with reuse_prefix)
+    batch_size: int = Field(32, gt=0, description="sequences per teacher generate call")
+    reuse_prefix: bool = Field(True, description="one prefill shared by the N samples of a chunk")
+    share_prefixes: bool = Field(
+        False, description="also share prefill across the nested prompts of a generate call (with reuse_prefix)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -123,17 +151,27 @@ class LlamaCppTeacherConfig(_TeacherBase):
     run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"model", "cache"}  # resolved by the factory
 
     type: Literal["llamacpp"] = "llamacpp"
-    privileged: bool = False  # also show the dataset's reference solution (the default recipe's teacher)
-    n_ctx: int = Field(16384, ge=64)  # cache cells shared by the sequences decoded together (a call is split in waves)
-    n_parallel: int = Field(64, ge=1, le=256)  # most sequences decoded together
-    n_batch: int = Field(1024, ge=8)  # most tokens in one llama_decode call
-    n_threads: int | None = Field(None, ge=1)  # None: every core this process may use
-    n_gpu_layers: int = Field(0, ge=-1)  # layers offloaded to the GPU (-1: all) with a CUDA or Metal build
+    privileged: bool = Field(
+        False, description="also show the dataset's reference solution (the default recipe's teacher)"
+    )
+    n_ctx: int = Field(
+        16384, ge=64, description="cache cells shared by the sequences decoded together (a call is split in waves)"
+    )
+    n_parallel: int = Field(64, ge=1, le=256, description="most sequences decoded together")
+    n_batch: int = Field(1024, ge=8, description="most tokens in one llama_decode call")
+    n_threads: int | None = Field(None, ge=1, description="None: every core this process may use")
+    n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU (-1: all) with a CUDA or Metal build")
     flash_attn: bool = False
-    share_prefixes: bool = True  # a request takes the longest prompt prefix already prefilled for another
-    cache: bool = True  # the persistent response cache: reruns and resumes read the same continuations
-    cache_path: str | None = None  # with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite
-    max_total_tokens: int | None = Field(None, gt=0)  # stop once prompt + generated teacher tokens reach this
+    share_prefixes: bool = Field(
+        True, description="a request takes the longest prompt prefix already prefilled for another"
+    )
+    cache: bool = Field(
+        True, description="the persistent response cache: reruns and resumes read the same continuations"
+    )
+    cache_path: str | None = Field(None, description="with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite")
+    max_total_tokens: int | None = Field(
+        None, gt=0, description="stop once prompt + generated teacher tokens reach this"
+    )
 
 
 class APITeacherConfig(RuntimeOptions, _TeacherBase):
@@ -144,12 +182,14 @@ class APITeacherConfig(RuntimeOptions, _TeacherBase):
 
     run_fields: ClassVar[frozenset[str]] = _TeacherBase.run_fields | {"cache"}  # cache -> cache_path: the factory
 
-    privileged: bool = False  # also show the dataset's reference solution
-    base_url: str | None = None  # None: the provider's own endpoint
-    api_key_env: str | None = None  # the environment variable holding the key (each type names its default)
-    max_tokens_factor: float = Field(1.0, gt=0.0)  # output allowance per request = ceil(C * factor)
-    cache: bool = True  # persistent SQLite cache of responses: reruns and resumes do not pay twice
-    cache_path: str | None = None  # with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite
+    privileged: bool = Field(False, description="also show the dataset's reference solution")
+    base_url: str | None = Field(None, description="None: the provider's own endpoint")
+    api_key_env: str | None = Field(
+        None, description="the environment variable holding the key (each type names its default)"
+    )
+    max_tokens_factor: float = Field(1.0, gt=0.0, description="output allowance per request = ceil(C * factor)")
+    cache: bool = Field(True, description="persistent SQLite cache of responses: reruns and resumes do not pay twice")
+    cache_path: str | None = Field(None, description="with cache: the file; None = $OMNIOPD_CACHE/teacher-cache.sqlite")
 
     @model_validator(mode="after")
     def _needs_model(self) -> APITeacherConfig:
@@ -165,9 +205,13 @@ class APITeacherConfig(RuntimeOptions, _TeacherBase):
 
 class _OpenAITeacher(APITeacherConfig):
     api_key_env: str = "OPENAI_API_KEY"
-    max_n_per_request: int | None = Field(None, ge=1)  # most samples asked in one request (n); None: all N at once
-    send_seed: bool = True  # a per-request seed (servers treat it as best effort)
-    extra_body: dict[str, Any] = Field(default_factory=dict)  # extra JSON fields sent verbatim (e.g. {top_k: -1})
+    max_n_per_request: int | None = Field(
+        None, ge=1, description="most samples asked in one request (n); None: all N at once"
+    )
+    send_seed: bool = Field(True, description="a per-request seed (servers treat it as best effort)")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="extra JSON fields sent verbatim (e.g. {top_k: -1})"
+    )
 
 
 class OpenAICompletionsTeacherConfig(_OpenAITeacher):
@@ -180,9 +224,13 @@ class OpenAICompletionsTeacherConfig(_OpenAITeacher):
     )  # module, class, SDK extra
 
     type: Literal["openai-completions"] = "openai-completions"
-    tokenizer: str | None = None  # the tokenizer whose chat template frames the prefix; None: a plain template
-    strip_bos: bool = True  # drop the template's BOS (the server's tokenizer adds its own)
-    stop: list[str] | None = None  # stop sequences; None: none with a chat template, a plain-frame stop without
+    tokenizer: str | None = Field(
+        None, description="the tokenizer whose chat template frames the prefix; None: a plain template"
+    )
+    strip_bos: bool = Field(True, description="drop the template's BOS (the server's tokenizer adds its own)")
+    stop: list[str] | None = Field(
+        None, description="stop sequences; None: none with a chat template, a plain-frame stop without"
+    )
 
 
 class OpenAIChatTeacherConfig(_OpenAITeacher):
@@ -195,10 +243,14 @@ class OpenAIChatTeacherConfig(_OpenAITeacher):
     )  # module, class, SDK extra
 
     type: Literal["openai-chat"] = "openai-chat"
-    max_tokens_factor: float = Field(1.5, gt=0.0)  # room for a preamble that is stripped
-    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"  # older servers
-    send_sampling_params: bool = True  # send temperature/top_p; False for models that reject them
-    reasoning_effort: str | None = None  # passed through when set (reasoning models spend output on thinking)
+    max_tokens_factor: float = Field(1.5, gt=0.0, description="room for a preamble that is stripped")
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = Field(
+        "max_completion_tokens", description="older servers"
+    )
+    send_sampling_params: bool = Field(True, description="send temperature/top_p; False for models that reject them")
+    reasoning_effort: str | None = Field(
+        None, description="passed through when set (reasoning models spend output on thinking)"
+    )
 
 
 class AnthropicTeacherConfig(APITeacherConfig):
@@ -212,7 +264,9 @@ class AnthropicTeacherConfig(APITeacherConfig):
 
     type: Literal["anthropic"] = "anthropic"
     api_key_env: str = "ANTHROPIC_API_KEY"
-    send_sampling_params: bool = False  # the current API rejects temperature/top_p; True for compatible servers
+    send_sampling_params: bool = Field(
+        False, description="the current API rejects temperature/top_p; True for compatible servers"
+    )
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -226,12 +280,14 @@ class GeminiTeacherConfig(APITeacherConfig):
     )  # module, class, SDK extra
 
     type: Literal["gemini"] = "gemini"
-    api_key_env: str | None = None  # None: GEMINI_API_KEY, then GOOGLE_API_KEY
-    api_version: str | None = None  # e.g. v1beta; None: the SDK's default
-    max_n_per_request: int = Field(8, ge=1)  # candidate_count per request; 1 for models without several candidates
+    api_key_env: str | None = Field(None, description="None: GEMINI_API_KEY, then GOOGLE_API_KEY")
+    api_version: str | None = Field(None, description="e.g. v1beta; None: the SDK's default")
+    max_n_per_request: int = Field(
+        8, ge=1, description="candidate_count per request; 1 for models without several candidates"
+    )
     send_seed: bool = True
     send_sampling_params: bool = True
-    thinking_budget: int | None = 0  # 0: no thinking; None: the model's default
+    thinking_budget: int | None = Field(0, description="0: no thinking; None: the model's default")
     max_tokens_factor: float = Field(1.5, gt=0.0)
 
 
