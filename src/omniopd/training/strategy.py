@@ -2,10 +2,10 @@
 
 Every place where the layout matters asks the run's strategy, so the trainer has no layout branches:
 
-- :meth:`Strategy.prepare`: the student, its KL reference and the teacher, placed for the layout;
-- :meth:`Strategy.save_checkpoint` / :meth:`Strategy.load_checkpoint`: a resumable checkpoint written and read back;
-- :meth:`Strategy.whole_model`: the student whole on the main process (``final/``, ``best/``), and
-  :meth:`Strategy.eval_model`: the model the evaluation runs.
+- :meth:`Replicated.prepare`: the student, its KL reference and the teacher, placed for the layout;
+- :meth:`Replicated.save_checkpoint` / :meth:`Replicated.load_checkpoint`: a resumable checkpoint written and read back;
+- :meth:`Replicated.whole_model`: the student whole on the main process (``final/``, ``best/``), and
+  :meth:`Replicated.eval_model`: the model the evaluation runs.
 
 :class:`Replicated` (``ddp``, and every one-process run): each process holds a whole copy; accelerate's DDP wrapper
 averages the gradients; the main process writes checkpoints. :class:`FSDP2` (``fsdp2``): with several processes the
