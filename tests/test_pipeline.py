@@ -174,9 +174,11 @@ def test_more_than_one_process_is_refused(run_files, tmp_path, fake):
 # ---------------------------------------------------------------------------------------------- pipeline off
 
 # metrics of tiny_run_config (privileged teacher, seed 0, 2 steps) before the pipeline existed. Counts and shares
-# must match exactly; the floats within 2e-3 relative, because another CPU's kernels round differently and lr 5e-2
-# carries that into step 2 (a second machine measured 2.5e-4 on step 2's grad norm, 4e-5 on its KL).
-TODAY_REL = 2e-3
+# must match exactly; the floats within 5e-3 relative, because another CPU's kernels round differently and lr 5e-2
+# carries that into step 2 (measured on step 2's grad norm: 2.5e-4 on a second machine, 2.7e-3 on a 2-core AMD EPYC
+# without AVX-512, whose other step-2 values were within 5.2e-4 and its step 1 exact). Exact equality across a
+# change on one machine is scripts/equal_behaviour.py's check.
+TODAY_REL = 5e-3
 TODAY = [
     {"loss/chunk": 0.09704716503620148, "loss/kl_anchor": 0.0, "loss/total": 0.09704716503620148,
      "audit/token_frac": 0.4507042253521127, "audit/k_sem_mean": 0.0, "audit/target_mean": 0.002674083865713328,

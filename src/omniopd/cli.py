@@ -220,8 +220,10 @@ def _cmd_train(args) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        # train() ends on a barrier; closing the group now keeps gloo's threads from outliving the interpreter
-        # (otherwise a process can abort at exit, "terminate called without an active exception")
+        # closing the group keeps gloo's threads from outliving the interpreter (otherwise a process can abort at
+        # exit, "terminate called without an active exception"); the barrier first, so that no rank closes its
+        # connections while the main process is still writing the summary (a 2-process test run under load aborted so)
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
