@@ -40,14 +40,9 @@ class RunState(Protocol):
     pipeline: Any
 
 
-def _trainer_state(state: RunState) -> dict:
-    return {"stream": state.stream.state_dict(), "totals": state.totals}
-
-
 class Replicated:
     """One process, or data parallel (DDP): a whole student on every process."""
 
-    name = "ddp"
     sharded = False  # whether the student is whole on no process
 
     def __init__(self, cfg: RunConfig, accelerator) -> None:
@@ -74,18 +69,21 @@ class Replicated:
         """Written once, by the main process (the others return None)."""
         if not self.accelerator.is_main_process:
             return None
-        return save_checkpoint(
-            state.out_dir,
-            state.step,
-            model=self.accelerator.unwrap_model(state.model),
-            tokenizer=state.tokenizer,
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            config_yaml=dump_config(state.cfg),
-            trainer_state=_trainer_state(state),
-            keep_last=state.cfg.checkpoint.keep_last,
-            pipeline_state=state.pipeline.state_dict(),
-        )
+        return save_checkpoint(state.out_dir, state.step, **self._checkpoint_contents(state))
+
+    def _checkpoint_contents(self, state: RunState) -> dict[str, Any]:
+        """What every checkpoint format holds: the student, its tokenizer, the optimizer and scheduler, the config,
+        the prompt stream and run totals, and a pipelined run's batch sampled ahead."""
+        return {
+            "model": self.accelerator.unwrap_model(state.model),
+            "tokenizer": state.tokenizer,
+            "optimizer": state.optimizer,
+            "scheduler": state.scheduler,
+            "config_yaml": dump_config(state.cfg),
+            "trainer_state": {"stream": state.stream.state_dict(), "totals": state.totals},
+            "keep_last": state.cfg.checkpoint.keep_last,
+            "pipeline_state": state.pipeline.state_dict(),
+        }
 
     def load_checkpoint(self, state: RunState, ckpt: Path, saved: dict) -> bool:
         """Weights, optimizer and scheduler back in place; whether this process's random streams came back too
@@ -105,8 +103,6 @@ class Replicated:
 class FSDP2(Replicated):
     """PyTorch FSDP2 over every process (``training.sharding``); one process runs as :class:`Replicated` but keeps
     the sharded checkpoint format."""
-
-    name = "fsdp2"
 
     def __init__(self, cfg: RunConfig, accelerator) -> None:
         super().__init__(cfg, accelerator)
@@ -128,17 +124,10 @@ class FSDP2(Replicated):
         return save_sharded_checkpoint(
             state.out_dir,
             state.step,
-            model=acc.unwrap_model(state.model),
-            tokenizer=state.tokenizer,
-            optimizer=state.optimizer,
-            scheduler=state.scheduler,
-            config_yaml=dump_config(state.cfg),
-            trainer_state=_trainer_state(state),
-            keep_last=state.cfg.checkpoint.keep_last,
+            **self._checkpoint_contents(state),
             rank=acc.process_index,
             world=acc.num_processes,
             barrier=acc.wait_for_everyone,
-            pipeline_state=state.pipeline.state_dict(),
         )
 
     def load_checkpoint(self, state: RunState, ckpt: Path, saved: dict) -> bool:
